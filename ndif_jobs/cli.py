@@ -1,0 +1,514 @@
+"""The `ndif-jobs` command.
+
+Exit codes: 0 success, 2 bad input (nothing was written), 1 any other failure. `--json` prints
+one JSON document on stdout for scripts. Commands that only read the queue (`status`, `list`,
+`show`) import neither torch nor nnsight, so they answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import BadInput, NdifJobsError
+
+app = typer.Typer(
+    name="ndif-jobs",
+    help="Queue nnsight experiments, run them in bundles on NDIF or locally, keep every tensor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The queue database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+STATE_STYLES = {
+    "queued": "cyan",
+    "claimed": "blue",
+    "submitted": "blue",
+    "running": "yellow",
+    "completed": "green",
+    "cached": "green",
+    "failed": "red",
+    "cancelled": "dim",
+}
+
+
+class _Context:
+    imports: list[str] = []
+    offline: bool = False
+
+
+_ctx = _Context()
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from .settings import Settings
+
+    try:
+        settings = Settings()
+    except Exception as exc:  # noqa: BLE001 - pydantic's error, made one line
+        raise BadInput(f"bad configuration: {_validation_line(exc)}") from None
+    updates: dict[str, Any] = {}
+    if _ctx.imports:
+        updates["imports"] = ",".join(filter(None, [settings.imports, *_ctx.imports]))
+    if _ctx.offline:
+        updates["offline"] = True
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _validation_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for error in errors():
+            where = ".".join(str(x) for x in error.get("loc", ()))
+            parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        return "; ".join(parts)
+    return str(exc).splitlines()[0]
+
+
+def _service():  # type: ignore[no-untyped-def]
+    from .logging import configure_logging, register_secret
+    from .service import Service
+
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.ndif_api_key is not None:
+        register_secret(settings.ndif_api_key.get_secret_value())
+    return Service(settings)
+
+
+def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Off a terminal rich assumes 80 columns; job tables read better unwrapped in logs.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    seconds = max(0.0, time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _job_summary(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "experiment": row.experiment,
+        "model": row.model,
+        "backend": row.backend,
+        "priority": row.priority,
+        "tags": [t for t in row.tags.strip(",").split(",") if t],
+        "attempts": row.attempts,
+        "created_at": row.created_at,
+        "finished_at": row.finished_at,
+        "error": row.error,
+    }
+
+
+def _jobs_table(rows: list[Any], title: str | None = None):  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in ("id", "state", "experiment", "model", "tags", "created", "note"):
+        table.add_column(column, overflow="fold" if column == "note" else "ellipsis", no_wrap=column != "note")
+    for row in rows:
+        note = (row.error or "").splitlines()[0][:60] if row.error else ""
+        model = row.model if len(row.model) <= 28 else "…" + row.model[-27:]
+        table.add_row(
+            row.id,
+            f"[{STATE_STYLES.get(row.state, '')}]{row.state}[/]",
+            row.experiment,
+            model,
+            row.tags.strip(","),
+            _ago(row.created_at),
+            note,
+        )
+    return table
+
+
+@app.callback()
+def main_options(
+    import_: list[str] = typer.Option(
+        [], "--import", help="Module defining your own @experiment functions (repeatable)."
+    ),
+    offline: bool = typer.Option(False, "--offline", help="Serve from the store only: no network, no model."),
+) -> None:
+    _ctx.imports = list(import_)
+    _ctx.offline = offline
+
+
+# -- submitting ----------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    experiment: str = typer.Argument(..., help="Experiment name (see `ndif-jobs experiments`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Repo id, local folder, or smollm2-135m."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="local or ndif."),
+    param: list[str] = typer.Option([], "--param", "-p", help="NAME=VALUE (JSON where not text; repeatable)."),
+    params_file: Optional[Path] = typer.Option(
+        None, "--params-file", help="JSON object of params, or a list of objects (one job each)."
+    ),
+    priority: int = typer.Option(0, "--priority", help="Higher runs first."),
+    tag: list[str] = typer.Option([], "--tag", "-t", help="Tag to filter by later (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the result is stored."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Queue an experiment; prints the job id (or serves it from the store: state `cached`)."""
+    from . import experiments
+    from .params_input import parse_pairs, read_params_file
+    from .service import Submission
+
+    service = _service()
+    exp = experiments.get(experiment)
+    from_pairs = parse_pairs(exp.params, param)
+    param_sets = read_params_file(str(params_file)) if params_file else [{}]
+    subs = [
+        Submission(
+            experiment=experiment,
+            params={**base, **from_pairs},
+            model=model,
+            backend=backend,
+            priority=priority,
+            tags=tag,
+            force=force,
+        )
+        for base in param_sets
+    ]
+    results = service.submit_many(subs)
+    docs = [{"id": r.id, "state": r.state, **({"joined": True} if r.joined else {})} for r in results]
+    if as_json:
+        _print_json(docs[0] if len(docs) == 1 else docs)
+        return
+    for doc in docs:
+        note = " (already queued: joined)" if doc.get("joined") else (" (served from the store)" if doc["state"] == "cached" else "")
+        print(f"{doc['id']}{note}" if sys.stdout.isatty() else doc["id"])
+
+
+# -- the worker ----------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    until_empty: bool = typer.Option(False, "--until-empty", help="Exit once the queue is drained."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Only jobs for this backend."),
+    max_bundle: Optional[int] = typer.Option(None, "--max-bundle", min=1, help="Most jobs per bundle."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device for local runs (cpu, cuda, cuda:1)."),
+) -> None:
+    """Run queued jobs: claim, bundle by model, run, store the results."""
+    from .backends import BACKENDS
+    from .worker import Worker
+
+    if backend is not None and backend not in BACKENDS:
+        raise BadInput(f"unknown backend {backend!r} (choose from: {', '.join(BACKENDS)})")
+    service = _service()
+    if device:
+        service.settings = service.settings.model_copy(update={"device": device})
+    if service.settings.offline:
+        raise BadInput("the worker runs models: it cannot run with --offline / NDIF_JOBS_OFFLINE=1")
+    queued = service.queue.counts()["queued"]
+    w = Worker(service, backend=backend, max_bundle=max_bundle)
+    w.install_signal_handlers()
+    if sys.stderr.isatty() and until_empty and queued:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(), console=_console(stderr=True), transient=False,
+        ) as progress:
+            task = progress.add_task("jobs", total=queued, note="")
+
+            def update(stats: Any) -> None:
+                progress.update(
+                    task,
+                    completed=stats.completed + stats.failed,
+                    note=f"{stats.completed} ok, {stats.failed} failed, {stats.retried} retrying",
+                )
+
+            w.on_progress = update
+            stats = w.run(until_empty=until_empty)
+    else:
+        stats = w.run(until_empty=until_empty)
+    if stats.failed:
+        _console(stderr=True).print(f"{stats.failed} job(s) failed: ndif-jobs list --state failed")
+
+
+# -- reading the queue ----------------------------------------------------------------------
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Counts per state and the latest jobs."""
+    service = _service()
+    counts = service.queue.counts()
+    latest = service.queue.list_jobs(limit=10)
+    store_bytes = service.queue.stored_bytes()
+    if as_json:
+        _print_json({"counts": counts, "total": sum(counts.values()), "store_bytes": store_bytes,
+                     "latest": [_job_summary(r) for r in latest]})
+        return
+    from rich.table import Table
+
+    console = _console()
+    table = Table(show_header=True, show_edge=False, pad_edge=False)
+    for state in counts:
+        table.add_column(state, justify="right", style=STATE_STYLES.get(state))
+    table.add_row(*[str(n) for n in counts.values()])
+    console.print(table)
+    console.print(f"total {sum(counts.values())} jobs, results stored: {_bytes(store_bytes)}")
+    if latest:
+        console.print(_jobs_table(latest, title="latest jobs"))
+
+
+@app.command("list")
+def list_(
+    state: Optional[str] = typer.Option(None, "--state", "-s", help="Only jobs in this state."),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Only jobs with this tag."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
+    limit: int = typer.Option(50, "--limit", "-n", min=0, help="Most jobs shown (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Jobs, newest first."""
+    from .db.models import JobState
+
+    if state is not None and state not in {s.value for s in JobState}:
+        raise BadInput(f"unknown state {state!r} (choose from: {', '.join(s.value for s in JobState)})")
+    service = _service()
+    rows = service.queue.list_jobs(state=state, tag=tag, experiment=experiment, limit=limit or None)
+    if as_json:
+        _print_json([_job_summary(r) for r in rows])
+        return
+    if not rows:
+        _console().print("no jobs")
+        return
+    _console().print(_jobs_table(rows))
+
+
+@app.command()
+def show(
+    job: str = typer.Argument(..., help="Job id (or a unique prefix, or a cache key)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Everything about one job: state, attempts, timings, error, bundle, result location."""
+    service = _service()
+    row = service.queue.get(job)
+    attempts = service.queue.attempts_of(row.id)
+    bundle = service.queue.bundle(row.bundle_id) if row.bundle_id else None
+    result_path = str(service.settings.results_dir / row.result_key[:2] / row.result_key) if row.result_key else None
+    doc = {
+        **_job_summary(row),
+        "key": row.key,
+        "model_key": row.model_key,
+        "params": json.loads(row.params),
+        "max_attempts": row.max_attempts,
+        "started_at": row.started_at,
+        "updated_at": row.updated_at,
+        "not_before": row.not_before or None,
+        "lease_owner": row.lease_owner,
+        "lease_expires_at": row.lease_expires_at,
+        "result_key": row.result_key,
+        "result_path": result_path,
+        "result_bytes": row.result_bytes,
+        "attempt_history": [
+            {"number": a.number, "worker": a.worker, "bundle": a.bundle_id, "started_at": a.started_at,
+             "finished_at": a.finished_at, "outcome": a.outcome, "error": a.error}
+            for a in attempts
+        ],
+        "bundle": None if bundle is None else {
+            "id": bundle.id, "backend": bundle.backend, "state": bundle.state, "jobs": bundle.job_count,
+            "remote_job_id": bundle.remote_job_id, "created_at": bundle.created_at,
+            "finished_at": bundle.finished_at, "status_history": json.loads(bundle.status_history or "[]"),
+            "error": bundle.error,
+        },
+    }
+    if as_json:
+        _print_json(doc)
+        return
+    console = _console()
+    style = STATE_STYLES.get(row.state, "")
+    console.print(f"[bold]job {row.id}[/]  [{style}]{row.state}[/]")
+    console.print(f"  experiment  {row.experiment}")
+    console.print(f"  model       {row.model}  ({row.backend})")
+    console.print(f"  params      {json.dumps(doc['params'], sort_keys=True)}")
+    if doc["tags"]:
+        console.print(f"  tags        {', '.join(doc['tags'])}")
+    console.print(f"  key         {row.key}")
+    console.print(f"  attempts    {row.attempts}/{row.max_attempts}")
+    console.print(f"  created     {_ago(row.created_at)}")
+    if row.started_at:
+        console.print(f"  started     {_ago(row.started_at)}")
+    if row.finished_at:
+        took = f" (took {row.finished_at - row.started_at:.2f}s)" if row.started_at else ""
+        console.print(f"  finished    {_ago(row.finished_at)}{took}")
+    if row.error:
+        console.print(f"  error       [red]{row.error}[/]")
+    if bundle is not None:
+        console.print(f"  bundle      {bundle.id} ({bundle.backend}, {bundle.job_count} jobs, {bundle.state})")
+        for entry in doc["bundle"]["status_history"]:
+            console.print(f"     {entry.get('status')}  {_ago(entry.get('at'))}  {entry.get('description', '')}")
+    if result_path:
+        console.print(f"  result      {result_path} ({_bytes(row.result_bytes)})")
+    for a in doc["attempt_history"]:
+        took = f"{a['finished_at'] - a['started_at']:.2f}s" if a["finished_at"] else "running"
+        console.print(f"  attempt {a['number']}   {a['outcome'] or '-'} {took} {a['error'] or ''}".rstrip())
+
+
+@app.command()
+def results(
+    job: str = typer.Argument(..., help="Job id (or a unique prefix, or a cache key)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (tensors as nested lists)."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash the result files first."),
+) -> None:
+    """Each saved name with its shape and dtype, or its value."""
+    service = _service()
+    result = service.load_result(job, verify=verify)
+    if as_json:
+        _print_json({"job": result.job["id"], "values": _jsonable(result.to_dict())})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.job['experiment']} · job {result.job['id']}", title_justify="left",
+                  show_edge=False, pad_edge=False)
+    table.add_column("name")
+    table.add_column("value", overflow="fold")
+    for name, value in result.items():
+        table.add_row(name, _describe(value))
+    _console().print(table)
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        dtype = str(value.dtype).removeprefix("torch.")
+        if value.numel() <= 8:
+            return f"{dtype}{list(value.shape)} {[round(x, 4) if isinstance(x, float) else x for x in value.reshape(-1).tolist()]}"
+        return f"{dtype}{list(value.shape)}"
+    if isinstance(value, list) and len(value) > 10:
+        return f"{value[:10]!r} … ({len(value)} items)"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return repr(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# -- changing jobs -------------------------------------------------------------------------
+
+
+@app.command()
+def cancel(jobs: list[str] = typer.Argument(..., help="Job ids.")) -> None:
+    """Cancel jobs that have not finished."""
+    service = _service()
+    ids = [service.queue.get(j).id for j in jobs]
+    for job_id, state in service.queue.cancel(ids).items():
+        print(f"{job_id} {state}")
+
+
+@app.command()
+def retry(jobs: list[str] = typer.Argument(..., help="Job ids.")) -> None:
+    """Queue finished, failed or cancelled jobs again."""
+    service = _service()
+    ids = [service.queue.get(j).id for j in jobs]
+    for job_id, state in service.queue.retry(ids).items():
+        print(f"{job_id} {state}")
+
+
+@app.command("experiments")
+def experiments_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The registered experiments and their parameters."""
+    from . import experiments
+
+    _service()  # imports the user's experiment modules
+    docs = [{"name": e.name, "description": e.description, "target": e.target, "params": e.describe_params()}
+            for e in experiments.all_experiments()]
+    if as_json:
+        _print_json(docs)
+        return
+    console = _console()
+    for doc in docs:
+        console.print(f"[bold]{doc['name']}[/]  {doc['description']}")
+        for p in doc["params"]:
+            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+            console.print(f"    {p['name']:<18} {p['type']:<22} {default}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the schema migrations (also done automatically on first open)."""
+    from .db.engine import SCHEMA_HEAD, get_engine, upgrade
+
+    settings = _settings()
+    if settings.database_url is None:
+        from .settings import ensure_private_dir
+
+        ensure_private_dir(settings.home)
+    ran = upgrade(get_engine(settings.db_url))
+    print(f"schema at {SCHEMA_HEAD}" + (" (migrated)" if ran else " (already current)"))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except NdifJobsError as exc:
+        from .logging import scrub
+
+        sys.stderr.write(f"error: {scrub(str(exc))}\n")
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        from .logging import scrub
+
+        sys.stderr.write(f"error: {scrub(f'{type(exc).__name__}: {exc}'.splitlines()[0])}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The application layer: submit, look up, cancel, retry and read results.
+
+The CLI and the Python API are thin shells over `Service`; it owns the settings, the queue
+database and the result store, and opens each only when first needed (so `status` never
+touches the result store and `results` never migrates twice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from . import experiments
+from .db.engine import open_database
+from .db.queue import Enqueued, NewJob, Queue
+from .errors import BadInput, OfflineMiss, ResultMissing
+from .keys import cache_key
+from .models import ModelRef, resolve_model
+from .results import ResultStore
+from .settings import Settings, ensure_private_dir, get_settings
+
+
+@dataclass
+class Submission:
+    """One experiment to submit, before validation."""
+
+    experiment: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    backend: str | None = None
+    priority: int = 0
+    tags: Sequence[str] = ()
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated submission with its cache key, ready to be queued."""
+
+    new_job: NewJob
+    ref: ModelRef
+
+
+class Service:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        experiments.import_user_modules(self.settings.import_modules)
+
+    @cached_property
+    def queue(self) -> Queue:
+        if self.settings.database_url is None:
+            ensure_private_dir(self.settings.home)
+        return Queue(open_database(self.settings.db_url))
+
+    @cached_property
+    def store(self) -> ResultStore:
+        return ResultStore(ensure_private_dir(self.settings.results_dir))
+
+    # -- submitting --------------------------------------------------------------------
+
+    def prepare(self, sub: Submission) -> Prepared:
+        """Validate one submission completely (no database write). Raises `BadInput`."""
+        exp = experiments.get(sub.experiment)
+        if not isinstance(sub.params, Mapping):
+            raise BadInput("params must be a JSON object of name: value")
+        params = exp.validate(dict(sub.params))
+        ref = resolve_model(sub.model or self.settings.default_model)
+        backend = sub.backend or self.settings.default_backend
+        if backend not in ("local", "ndif"):
+            raise BadInput(f"unknown backend {backend!r} (choose from: local, ndif)")
+        if backend == "ndif" and ref.kind != "hub":
+            raise BadInput(f"model {ref.spec!r} is not on NDIF: the ndif backend takes a Hugging Face repo id")
+        if not -1_000_000 <= sub.priority <= 1_000_000:
+            raise BadInput("priority must be between -1000000 and 1000000")
+        key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, params)
+        job = NewJob(
+            key=key,
+            experiment=exp.name,
+            model=ref.spec,
+            model_key=ref.model_key,
+            backend=backend,
+            params=params,
+            priority=sub.priority,
+            tags=list(sub.tags),
+            max_attempts=self.settings.max_attempts,
+            force=sub.force,
+        )
+        return Prepared(new_job=job, ref=ref)
+
+    def submit_many(self, subs: Sequence[Submission]) -> list[Enqueued]:
+        """Validate every submission first, then queue them all in one transaction."""
+        prepared = [self.prepare(s) for s in subs]
+        return self.queue.enqueue([p.new_job for p in prepared])
+
+    def submit(self, sub: Submission) -> Enqueued:
+        return self.submit_many([sub])[0]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def job(self, ref: str) -> Any:
+        return self.queue.get(ref)
+
+    def load_result(self, ref: str, verify: bool = False) -> "Result":
+        job = self.queue.get(ref)
+        if job.result_key is None:
+            raise ResultMissing(f"job {job.id} has no result: it is {job.state}" + (f" ({job.error})" if job.error else ""))
+        stored = self.store.get(job.result_key, verify=verify)
+        return Result(job=_job_dict(job), stored=stored)
+
+    def lookup(self, sub: Submission) -> tuple[Prepared, Any | None]:
+        """The prepared submission and the done job that already holds its result, if any."""
+        prepared = self.prepare(sub)
+        return prepared, self.queue.done_by_key(prepared.new_job.key)
+
+    def offline_miss(self, prepared: Prepared) -> OfflineMiss:
+        job = prepared.new_job
+        args = " ".join(f"-p {k}={json.dumps(v) if not isinstance(v, str) else _shell(v)}" for k, v in job.params.items() if v is not None)
+        return OfflineMiss(
+            f"offline and not in the store: {job.experiment} on {job.model} with {json.dumps(job.params, sort_keys=True)}; "
+            f"queue it with: ndif-jobs submit {job.experiment} --model {_shell(job.model)} {args}".rstrip()
+        )
+
+
+def _shell(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _job_dict(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    data["params"] = json.loads(data["params"])
+    data["tags"] = [t for t in data["tags"].strip(",").split(",") if t]
+    return data
+
+
+class Result(Mapping[str, Any]):
+    """A stored result: the experiment's values (a read-only mapping), tensors, manifest, job.
+
+    Tensors are memory-mapped from the result file: reading them costs no copy.
+    """
+
+    def __init__(self, job: dict[str, Any], stored: Any) -> None:
+        self.job = job
+        self.manifest = stored.manifest
+        self.tensors = stored.tensors
+        self.path = stored.path
+        self._values = stored.values
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __repr__(self) -> str:
+        return f"<Result {self.job['experiment']} job={self.job['id']} keys={list(self._values)}>"

@@ -1,0 +1,116 @@
+"""Every knob ndif-jobs has, read from the environment and `.env` (see `.env.example`).
+
+One `Settings` object is built per process (`get_settings()`); tests build their own with
+`Settings(home=tmp_path)`. The NDIF API key is a `SecretStr` so that printing, logging or
+dumping the settings never shows it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("ndif-jobs", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """ndif-jobs configuration. Environment variables are `NDIF_JOBS_<FIELD>` unless noted."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NDIF_JOBS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    home: Path = Field(default_factory=_default_home, description="Data folder: database, results, model cache.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the queue; default: a SQLite file in the data folder."
+    )
+
+    # NDIF's own variable names, so one environment serves nnsight and ndif-jobs alike.
+    ndif_host: str = Field(
+        default="https://api.ndif.us",
+        validation_alias=AliasChoices("NDIF_HOST", "ndif_host"),
+        description="NDIF API address.",
+    )
+    ndif_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("NDIF_API_KEY", "ndif_api_key"),
+        description="NDIF API key. Never logged or stored.",
+    )
+
+    default_backend: Literal["local", "ndif"] = Field(default="local", description="Backend for new jobs.")
+    default_model: str = Field(default="smollm2-135m", description="Model for jobs submitted without --model.")
+    device: str | None = Field(default=None, description="Torch device for the local backend; default cuda if present.")
+
+    max_bundle: int = Field(default=64, ge=1, le=10_000, description="Most jobs in one bundle (one backend request).")
+    max_invokes: int = Field(
+        default=32, ge=1, le=4096, description="Most forward passes packed as invokes of one local trace."
+    )
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before a job is failed for good.")
+    retry_backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
+    retry_backoff_max_s: float = Field(default=300.0, ge=0, description="Longest retry delay.")
+    lease_s: float = Field(default=300.0, gt=0, description="How long a claim lasts before another worker may take it.")
+    poll_s: float = Field(default=1.0, gt=0, description="Worker sleep between polls of an empty queue.")
+
+    imports: str = Field(
+        default="", description="Comma-separated modules that define your own @experiment functions."
+    )
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="auto: readable lines on a terminal, JSON lines otherwise."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    offline: bool = Field(default=False, description="Serve results from the store only: no network, no model loading.")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home / "results"
+
+    @property
+    def models_dir(self) -> Path:
+        """Converted local models (the embedded GGUF model, dequantized once)."""
+        return self.home / "models"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'queue.db'}"
+
+    @property
+    def import_modules(self) -> list[str]:
+        return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (after the environment changed, e.g. in tests)."""
+    get_settings.cache_clear()
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` readable by its owner only (results may hold unpublished findings)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError:
+        pass
+    return path

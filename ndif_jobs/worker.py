@@ -1,0 +1,234 @@
+"""The worker: claim -> bundle -> run -> store -> finish, until told to stop.
+
+Each loop claims up to `max_bundle` runnable jobs (one transaction, with a lease), groups them
+by (model, backend), and hands each group to its backend as one bundle. While a bundle runs,
+a heartbeat thread renews the leases so no other worker takes the jobs; if this process dies,
+the leases run out and the jobs go back to the queue.
+
+Outcomes: a result is stored (atomically, keyed by cache key) before its job is marked
+completed, so a completed job always has its result. An experiment's own error fails that job
+alone, with no retry (it would fail again the same way). An error of the bundle as a whole (the
+model did not load, the backend broke) sends its jobs back to the queue with exponential
+backoff until their attempts run out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import experiments
+from .backends import JobOutcome, JobSpec, get_backend
+from .db.models import JobState
+from .errors import NdifJobsError
+from .logging import get_logger, scrub
+from .models import model_from_key
+from .service import Service
+
+log = get_logger("ndif_jobs.worker")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{random.randrange(16**4):04x}"
+
+
+@dataclass
+class WorkerStats:
+    bundles: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class _Heartbeat:
+    """Renews the leases of the jobs a bundle holds while it runs."""
+
+    def __init__(self, service: Service, worker: str, job_ids: list[str]) -> None:
+        self.service, self.worker, self.job_ids = service, worker, job_ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-heartbeat")
+
+    def _run(self) -> None:
+        lease = self.service.settings.lease_s
+        while not self._stop.wait(max(lease / 3, 0.05)):
+            try:
+                self.service.queue.renew_leases(self.worker, self.job_ids, lease)
+            except Exception as exc:  # noqa: BLE001 - a missed renewal is retried next beat
+                log.warning("lease renewal failed", error=str(exc))
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Worker:
+    def __init__(
+        self,
+        service: Service,
+        backend: str | None = None,
+        max_bundle: int | None = None,
+        on_progress: Callable[[WorkerStats], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.backend_filter = backend
+        self.max_bundle = max_bundle or self.settings.max_bundle
+        self.id = worker_id()
+        self.stats = WorkerStats()
+        self.on_progress = on_progress
+        self._stopping = threading.Event()
+        self._backends: dict[str, Any] = {}
+
+    # -- signals -------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: finish the bundle in hand, then exit. Second: exit now."""
+
+        def handle(signum: int, _frame: Any) -> None:
+            if self._stopping.is_set():
+                log.warning("second signal: releasing held jobs and exiting now")
+                self.service.queue.release(self.id)
+                os._exit(130)
+            log.info("stopping after the current bundle", signal=signal.Signals(signum).name)
+            self._stopping.set()
+
+        signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGTERM, handle)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, until_empty: bool = False) -> WorkerStats:
+        log.info("worker started", worker=self.id, backend=self.backend_filter or "any", max_bundle=self.max_bundle)
+        queue = self.service.queue
+        try:
+            while not self._stopping.is_set():
+                jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=self.backend_filter)
+                if not jobs:
+                    counts = queue.counts()
+                    if until_empty and counts[JobState.QUEUED.value] == 0:
+                        break
+                    self._stopping.wait(self.settings.poll_s)
+                    continue
+                groups: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
+                for job in jobs:
+                    groups[(job.backend, job.model, job.model_key)].append(job)
+                for (backend, model, _model_key), group in groups.items():
+                    self._run_bundle(backend, model, group)
+        finally:
+            released = queue.release(self.id)
+            if released:
+                log.info("released unstarted jobs", count=released)
+        log.info(
+            "worker finished",
+            worker=self.id,
+            bundles=self.stats.bundles,
+            completed=self.stats.completed,
+            failed=self.stats.failed,
+            retried=self.stats.retried,
+        )
+        return self.stats
+
+    def _backend(self, name: str) -> Any:
+        if name not in self._backends:
+            self._backends[name] = get_backend(name, self.settings)
+        return self._backends[name]
+
+    def _retry_delay(self, attempts: int) -> float:
+        base = self.settings.retry_backoff_s * (2 ** max(attempts - 1, 0))
+        return min(base, self.settings.retry_backoff_max_s) * random.uniform(0.5, 1.0)
+
+    def _run_bundle(self, backend_name: str, model: str, jobs: list[Any]) -> None:
+        queue, store = self.service.queue, self.service.store
+        job_ids = [j.id for j in jobs]
+        bundle_id = queue.start_bundle(self.id, backend_name, jobs[0].model_key, job_ids)
+        blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend=backend_name)
+        blog.info("bundle started")
+        started = time.time()
+        specs: list[JobSpec] = []
+        outcomes: dict[str, JobOutcome] = {}
+        for job in jobs:
+            try:
+                experiments.get(job.experiment)
+                specs.append(JobSpec(job.id, job.experiment, json.loads(job.params)))
+            except NdifJobsError as exc:
+                outcomes[job.id] = JobOutcome(error=str(exc))
+        try:
+            with _Heartbeat(self.service, self.id, job_ids):
+                if specs:
+                    ref = model_from_key(model)
+                    outcomes.update(self._backend(backend_name).run_bundle(ref, specs))
+        except Exception as exc:  # noqa: BLE001 - the bundle as a whole failed: retry it later
+            message = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            blog.error("bundle failed", error=message, exc_info=not isinstance(exc, NdifJobsError))
+            attempts = max(j.attempts for j in jobs)
+            counts = queue.finish(
+                self.id,
+                failed=[(j.id, message) for j in jobs],
+                bundle_id=bundle_id,
+                bundle_error=message,
+                retry_delay_s=self._retry_delay(attempts),
+            )
+            self._count(counts)
+            return
+
+        completed: list[tuple[str, str, int]] = []
+        failed: list[tuple[str, str]] = []
+        by_id = {j.id: j for j in jobs}
+        for job_id, outcome in outcomes.items():
+            job = by_id[job_id]
+            jlog = blog.bind(job=job_id, experiment=job.experiment)
+            if not outcome.ok:
+                jlog.warning("experiment failed", error=scrub(outcome.error or ""))
+                failed.append((job_id, scrub(outcome.error or "failed")))
+                continue
+            try:
+                size = store.put(
+                    job.key,
+                    outcome.result or {},
+                    info={"experiment": job.experiment, "model": job.model, "params": json.loads(job.params), "job": job_id},
+                )
+            except NdifJobsError as exc:
+                jlog.error("storing the result failed", error=str(exc))
+                failed.append((job_id, str(exc)))
+                continue
+            completed.append((job_id, job.key, size))
+            jlog.info("job completed", result_bytes=size)
+        # Experiment errors are the experiment's: no blind retry. Storage errors are ours: retry.
+        experiment_errors = [(j, e) for j, e in failed if not outcomes[j].ok]
+        store_errors = [(j, e) for j, e in failed if outcomes[j].ok]
+        counts = queue.finish(self.id, completed=completed, bundle_id=bundle_id)
+        if experiment_errors:
+            counts["failed"] += queue.fail_permanently(self.id, experiment_errors, bundle_id)
+        if store_errors:
+            more = queue.finish(self.id, failed=store_errors, retry_delay_s=self._retry_delay(1))
+            counts["retried"] += more["retried"]
+            counts["failed"] += more["failed"]
+        self._count(counts)
+        blog.info("bundle finished", seconds=round(time.time() - started, 3), **counts)
+
+    def _count(self, counts: dict[str, int]) -> None:
+        self.stats.bundles += 1
+        self.stats.completed += counts.get("completed", 0)
+        self.stats.failed += counts.get("failed", 0)
+        self.stats.retried += counts.get("retried", 0)
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+
