@@ -82,10 +82,14 @@ class Settings(BaseSettings):
     def results_dir(self) -> Path:
         return self.home / "results"
 
+    models_cache: Path | None = Field(
+        default=None, description="Where converted local models are kept; default: <home>/models."
+    )
+
     @property
     def models_dir(self) -> Path:
         """Converted local models (the embedded GGUF model, dequantized once)."""
-        return self.home / "models"
+        return self.models_cache.expanduser().absolute() if self.models_cache else self.home / "models"
 
     @property
     def db_url(self) -> str:

@@ -1,0 +1,145 @@
+"""Shared fixtures: private data folders, the embedded model, tiny models built from configs.
+
+Nothing here is mocked: databases are real SQLite files (and the real PostgreSQL server where a
+test asks for it), models run real forward passes. The embedded model is converted once per
+machine into `.cache/models` (about 20 s) and reused by every test and every process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_CACHE = Path(os.environ.get("NDIF_JOBS_TEST_MODELS", REPO / ".cache" / "models"))
+POSTGRES_URL = os.environ.get("NDIF_JOBS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+# Child processes and Settings() in this process see the same clean configuration.
+for _name in list(os.environ):
+    if _name.startswith("NDIF_JOBS_") and _name not in ("NDIF_JOBS_TEST_MODELS", "NDIF_JOBS_TEST_POSTGRES_URL"):
+        del os.environ[_name]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    return path
+
+
+@pytest.fixture
+def env(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for a CLI subprocess (and this process) pointing at a private data folder."""
+    values = {
+        "NDIF_JOBS_HOME": str(home),
+        "NDIF_JOBS_MODELS_CACHE": str(MODELS_CACHE),
+        "NDIF_JOBS_LOG_FORMAT": "json",
+        "NDIF_JOBS_POLL_S": "0.2",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    from ndif_jobs.settings import reset_settings_cache
+
+    reset_settings_cache()
+    full = dict(os.environ)
+    full.update(values)
+    return full
+
+
+@pytest.fixture
+def settings(env: dict[str, str]):  # type: ignore[no-untyped-def]
+    from ndif_jobs.settings import Settings
+
+    return Settings()
+
+
+@pytest.fixture
+def service(settings):  # type: ignore[no-untyped-def]
+    from ndif_jobs.db.engine import dispose_engines
+    from ndif_jobs.service import Service
+
+    yield Service(settings)
+    dispose_engines()
+
+
+def run_cli(*args: str, env: dict[str, str], check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ndif-jobs ARGS` as a real subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ndif_jobs", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=env.get("NDIF_JOBS_TEST_CWD", str(REPO)),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ndif-jobs {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def embedded_folder() -> Path:
+    """The embedded model, dequantized into a safetensors folder (cached across runs)."""
+    from ndif_jobs.models import local_folder, resolve_model
+
+    return Path(local_folder(resolve_model("smollm2-135m"), MODELS_CACHE))
+
+
+@pytest.fixture(scope="session")
+def embedded(embedded_folder: Path):  # type: ignore[no-untyped-def]
+    """The embedded model as an nnsight model on the CPU, float32."""
+    from ndif_jobs.models import load_local_model, resolve_model
+
+    return load_local_model(resolve_model("smollm2-135m"), MODELS_CACHE, device="cpu")
+
+
+def _tiny(folder: Path, kind: str, tokenizer_from: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=3, n_head=4)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(embedded_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer GPT-2 (block list `transformer.h`) built from a config: random weights."""
+    return _tiny(tmp_path_factory.mktemp("tiny") / "gpt2", "gpt2", embedded_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(embedded_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer Llama (block list `model.layers`) built from a config: random weights."""
+    return _tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", embedded_folder)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh schema-less database on the real PostgreSQL server: every table dropped first."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS attempts, jobs, bundles, alembic_version CASCADE"))
+    engine.dispose()
+    return POSTGRES_URL

@@ -1,0 +1,91 @@
+"""Every bad input: one clear line on stderr, exit 2, and the database unchanged."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from .conftest import run_cli
+
+
+def dump(home) -> list:  # type: ignore[no-untyped-def]
+    """Every row of every table, to compare before and after."""
+    db = sqlite3.connect(home / "queue.db")
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return [(t, sorted(map(repr, db.execute(f"SELECT * FROM {t}")))) for t in tables]
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def seeded(env, home):  # type: ignore[no-untyped-def]
+    run_cli("submit", "activations", "-p", "prompt=Hello", env=env, check=True)
+    return dump(home)
+
+
+BAD = [
+    (["submit", "no-such-experiment", "-p", "prompt=x"], "unknown experiment 'no-such-experiment'"),
+    (["submit", "activations", "--model", "not a model!", "-p", "prompt=x"], "unknown model"),
+    (["submit", "activations", "--model", "/no/such/folder", "-p", "prompt=x"], "does not exist"),
+    (["submit", "activations"], "prompt: missing required parameter"),
+    (["submit", "activations", "-p", "prompt=x", "-p", "top_k=many"], "top_k"),
+    (["submit", "activations", "-p", "prompt=x", "-p", "top_k=0"], "top_k"),
+    (["submit", "activations", "-p", "prompt=x", "-p", "colour=red"], "colour: unknown parameter"),
+    (["submit", "activations", "-p", "promptx"], "expected NAME=VALUE"),
+    (["submit", "activations", "-p", "prompt=x", "-p", "prompt=y"], "given twice"),
+    (["submit", "activations", "-p", "prompt=x", "-p", "layers=a,b"], "layers"),
+    (["submit", "patching", "-p", "clean_prompt=a", "-p", "corrupted_prompt=b", "-p", "answer=x", "-p", "wrong_answer=y",
+      "-p", "position=middle"], "position"),
+    (["submit", "activations", "-p", "prompt=x", "--backend", "carrier-pigeon"], "unknown backend"),
+    (["submit", "activations", "-p", "prompt=" + "x" * 100_001], "prompt"),
+    (["submit", "activations", "--params-file", "{missing}"], "does not exist"),
+    (["submit", "activations", "--params-file", "{malformed}"], "not valid JSON"),
+    (["submit", "activations", "--params-file", "{wrongshape}"], "must hold a JSON object"),
+    (["submit", "activations", "--params-file", "{badlist}"], "top_k"),
+    (["show", "deadbeef0000"], "no job 'deadbeef0000'"),
+    (["show", "not-hex!"], "no job"),
+    (["results", "deadbeef0000"], "no job"),
+    (["cancel", "deadbeef0000"], "no job"),
+    (["retry", "deadbeef0000"], "no job"),
+    (["list", "--state", "sleeping"], "unknown state"),
+    (["worker", "--backend", "carrier-pigeon"], "unknown backend"),
+    (["--import", "no_such_module_xyz", "status"], "cannot import experiment module"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_exits_2_and_changes_nothing(args, message, env, home, seeded, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    files = {
+        "{missing}": tmp_path / "nope.json",
+        "{malformed}": tmp_path / "malformed.json",
+        "{wrongshape}": tmp_path / "wrongshape.json",
+        "{badlist}": tmp_path / "badlist.json",
+    }
+    files["{malformed}"].write_text('{"prompt": "x",')
+    files["{wrongshape}"].write_text('["prompt"]')
+    files["{badlist}"].write_text(json.dumps([{"prompt": "ok"}, {"prompt": "x", "top_k": -1}]))
+    args = [str(files[a]) if a in files else a for a in args]
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert dump(home) == seeded
+
+
+def test_a_params_file_list_is_all_or_nothing(env, home, seeded, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"prompt": "one"}, {"prompt": "two", "top_k": 3}]))
+    out = json.loads(run_cli("submit", "activations", "--params-file", str(good), "--json", env=env, check=True).stdout)
+    assert [d["state"] for d in out] == ["queued", "queued"]
+    assert len(dict(dump(home))["jobs"]) == 3  # the seeded job and these two
+
+
+def test_bad_configuration_is_a_bad_input(env, home) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("status", env={**env, "NDIF_JOBS_MAX_BUNDLE": "zero"})
+    assert proc.returncode == 2
+    assert "bad configuration" in proc.stderr and "max_bundle" in proc.stderr

@@ -1,0 +1,124 @@
+"""The `ndif-jobs` command end to end, as real subprocesses on a private data folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+
+SEEDS = {
+    "activations": ["-p", "prompt=The capital of France is", "-p", "layers=0:30:1".replace(":1", "")],
+    "patching": ["-p", "clean_prompt=The Eiffel Tower is in the city of", "-p", "corrupted_prompt=The Colosseum is in the city of",
+                 "-p", "answer= Paris", "-p", "wrong_answer= Rome", "-p", "layers=[0,8,16,24,29]"],
+    "cross-prompt": ["-p", "source_prompt=The cat sat on the mat", "-p", "target_prompt=The dog ran through the park", "-p", "layer=6"],
+    "steering": ["-p", "positive_prompt=I love this movie, it's wonderful", "-p", "negative_prompt=I hate this movie, it's terrible",
+                 "-p", "prompt=This restaurant is", "-p", "layer=6"],
+    "logit-lens": ["-p", "prompt=The quick brown fox jumps over the lazy"],
+    "generate": ["-p", "prompt=The capital of France is", "-p", "max_new_tokens=5"],
+}
+
+
+@pytest.mark.slow
+def test_submit_every_builtin_run_worker_read_results(env) -> None:  # type: ignore[no-untyped-def]
+    ids = {}
+    for name, args in SEEDS.items():
+        proc = run_cli("submit", name, "--tag", "seed", "--json", *args, env=env, check=True)
+        doc = json.loads(proc.stdout)
+        assert doc["state"] == "queued"
+        ids[name] = doc["id"]
+    status = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
+    assert status["counts"]["queued"] == len(SEEDS)
+
+    run_cli("worker", "--until-empty", env=env, check=True)
+
+    status = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
+    assert status["counts"]["completed"] == len(SEEDS), status
+    assert status["counts"]["queued"] == 0 and status["store_bytes"] > 0
+    listed = json.loads(run_cli("list", "--tag", "seed", "--json", env=env, check=True).stdout)
+    assert {j["id"] for j in listed} == set(ids.values())
+
+    act = json.loads(run_cli("results", ids["activations"], "--json", env=env, check=True).stdout)["values"]
+    assert act["top_tokens"][0] == " Paris" and len(act["norms"]) == 30
+    lens = json.loads(run_cli("results", ids["logit-lens"], "--json", env=env, check=True).stdout)["values"]
+    assert len(lens["top_ids"]) == 30 and len(lens["top_ids"][0]) == 5
+    patch = json.loads(run_cli("results", ids["patching"], "--json", env=env, check=True).stdout)["values"]
+    assert len(patch["logit_diff"]) == 5 and patch["clean_logit_diff"] > patch["corrupted_logit_diff"]
+    gen = json.loads(run_cli("results", ids["generate"], "--json", env=env, check=True).stdout)["values"]
+    assert gen["text"].startswith(" Paris")
+
+    shown = json.loads(run_cli("show", ids["steering"][:6], "--json", env=env, check=True).stdout)
+    assert shown["id"] == ids["steering"] and shown["state"] == "completed"
+    assert shown["bundle"]["jobs"] == len(SEEDS) and shown["result_path"]
+    assert shown["attempt_history"][-1]["outcome"] == "completed"
+
+    table = run_cli("results", ids["activations"], env=env, check=True).stdout
+    assert "top_tokens" in table and "float32[30]" in table
+    human = run_cli("status", env=env, check=True).stdout
+    assert "completed" in human and ids["generate"] in human
+
+
+def test_experiment_error_fails_its_job_alone(env) -> None:  # type: ignore[no-untyped-def]
+    good = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", env=env, check=True).stdout)
+    bad = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hello", "-p", "layers=[99]", env=env, check=True).stdout)
+    proc = run_cli("worker", "--until-empty", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(run_cli("show", good["id"], "--json", env=env).stdout)["state"] == "completed"
+    failed = json.loads(run_cli("show", bad["id"], "--json", env=env).stdout)
+    assert failed["state"] == "failed"
+    assert "layer 99 is out of range" in failed["error"]
+    assert failed["attempts"] == 1  # an experiment's own error is not blind-retried
+
+
+def test_cancel_and_retry(env) -> None:  # type: ignore[no-untyped-def]
+    job = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hi", "-p", "layers=[0]", env=env, check=True).stdout)
+    assert run_cli("cancel", job["id"], env=env, check=True).stdout.split() == [job["id"], "cancelled"]
+    assert json.loads(run_cli("show", job["id"], "--json", env=env).stdout)["state"] == "cancelled"
+    assert run_cli("retry", job["id"], env=env, check=True).stdout.split() == [job["id"], "queued"]
+    assert json.loads(run_cli("status", "--json", env=env).stdout)["counts"]["queued"] == 1
+
+
+def test_experiments_lists_builtins_with_params(env) -> None:  # type: ignore[no-untyped-def]
+    docs = json.loads(run_cli("experiments", "--json", env=env, check=True).stdout)
+    names = {d["name"] for d in docs}
+    assert {"activations", "patching", "cross-prompt", "steering", "logit-lens", "generate"} <= names
+    patching = next(d for d in docs if d["name"] == "patching")
+    assert {p["name"] for p in patching["params"]} >= {"clean_prompt", "corrupted_prompt", "answer", "wrong_answer", "layers", "position"}
+
+
+def test_status_list_show_do_not_import_torch(env) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    job = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hi", env=env, check=True).stdout)
+    for args in (["status"], ["list", "--state", "failed"], ["show", job["id"]]):
+        code = (
+            "import sys; sys.argv=['ndif-jobs', *%r]\n"
+            "from ndif_jobs.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'nnsight', 'transformers', 'alembic') if m in sys.modules]\n"
+            "print('HEAVY', heavy)" % (args,)
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert "HEAVY []" in out, (args, out[-300:])
+
+
+def test_user_experiment_module(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "my_probe.py").write_text(
+        "from ndif_jobs import experiment, Params\n"
+        "from ndif_jobs.experiments.access import blocks, hidden\n"
+        "class P(Params):\n    prompt: str\n    layer: int = 0\n"
+        "@experiment('mean-hidden', params=P)\n"
+        "def mean_hidden(model, p):\n"
+        "    with model.trace(p['prompt']):\n"
+        "        h = hidden(blocks(model)[p['layer']].output).mean(dim=1).save()\n"
+        "    return {'mean': h[0], 'width': int(h.shape[-1])}\n"
+    )
+    env = {**env, "NDIF_JOBS_TEST_CWD": str(tmp_path)}
+    job = json.loads(run_cli("--import", "my_probe", "submit", "mean-hidden", "--json", "-p", "prompt=Hello there", env=env, check=True).stdout)
+    run_cli("--import", "my_probe", "worker", "--until-empty", env=env, check=True)
+    values = json.loads(run_cli("--import", "my_probe", "results", job["id"], "--json", env=env, check=True).stdout)["values"]
+    assert values["width"] == 576 and len(values["mean"]) == 576
+    env2 = {**env, "NDIF_JOBS_IMPORTS": "my_probe"}
+    assert "mean-hidden" in run_cli("experiments", env=env2, check=True).stdout
