@@ -66,8 +66,12 @@ def flatten(result: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     def walk(value: Any, path: str) -> Any:
         if _is_tensor(value):
-            tensors[path] = value
-            return {"$tensor": path}
+            name, n = path, 1
+            while name in tensors:  # {"a.b": x, "a": {"b": y}} must not share a name
+                n += 1
+                name = f"{path}~{n}"
+            tensors[name] = value
+            return {"$tensor": name}
         if isinstance(value, Mapping):
             out = {}
             for k, v in value.items():

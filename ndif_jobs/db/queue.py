@@ -96,7 +96,8 @@ class Queue:
         with write_transaction(self.engine) as conn:
             existing = self._existing_by_key(conn, {j.key for j in new_jobs if not j.force})
             seen_in_batch: dict[str, Enqueued] = {}
-            for job in new_jobs:
+            for i, job in enumerate(new_jobs):
+                created = t + i * 1e-6  # keeps a batch's order in the claim order (oldest first)
                 hit = None if job.force else (seen_in_batch.get(job.key) or existing.get(job.key))
                 if hit is not None and hit.state in ACTIVE_VALUES:
                     out.append(Enqueued(hit.id, hit.state, joined=True))
@@ -117,8 +118,8 @@ class Queue:
                         "state": state,
                         "priority": job.priority,
                         "tags": encode_tags(job.tags),
-                        "created_at": t,
-                        "updated_at": t,
+                        "created_at": created,
+                        "updated_at": created,
                         "finished_at": t if state == JobState.CACHED.value else None,
                         "not_before": 0.0,
                         "attempts": 0,

@@ -1,0 +1,657 @@
+"""Figures of stored results: the plot a researcher would otherwise draw by hand.
+
+`plot_results(results, out)` draws one figure for the results of ONE experiment and writes it
+to `out` (PNG, or PDF/SVG by suffix). Several results of one experiment overlay (line plots,
+one line per job, labelled by the parameters that differ between them) or tile (heatmaps and
+bar charts, one panel per job). Results of different experiments raise `PlotError`.
+
+matplotlib is imported only inside `plot_results` (it is the optional `plot` extra), and the
+figure is drawn on its own Agg canvas without pyplot, so no global backend is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .service import Result
+
+#: The experiments `plot_results` knows how to draw.
+PLOTTABLE = ("activations", "patching", "cross-prompt", "steering", "logit-lens", "generate")
+
+_DPI = 150
+_FONT = 9  # base font size, points
+_TITLE_FONT = 10.5
+_MAX_TOKEN_CHARS = 14
+
+
+class PlotError(BadInput, ValueError):
+    """The results cannot be drawn as asked (mixed experiments, unknown experiment, no results)."""
+
+
+# -- text helpers ------------------------------------------------------------------------------
+
+_VISIBLE = {"\n": "⏎", "\r": "\\r", "\t": "⇥", "\xa0": "⍽", "\u200b": "\\u200b"}
+
+
+def _escape_math(text: str) -> str:
+    """matplotlib reads `$...$` as math: make every dollar sign literal."""
+    return text.replace("$", r"\$")
+
+
+def token_label(token: str, limit: int = _MAX_TOKEN_CHARS) -> str:
+    """A decoded token as a readable one-line label: whitespace made visible, long ones cut."""
+    if token == "":
+        return "∅"
+    if token.strip(" ") == "":
+        return "␣" if len(token) == 1 else f"␣×{len(token)}"
+    out = []
+    for ch in token:
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif not ch.isprintable() and ch != " ":
+            out.append(ascii(ch)[1:-1])
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return _escape_math(text)
+
+
+def _short(text: str, limit: int) -> str:
+    """One line of at most `limit` characters: newlines shown as ⏎, the middle elided."""
+    one = text.replace("\r\n", "\n").replace("\n", "⏎").replace("\t", "⇥")
+    if len(one) > limit:
+        head = (limit - 1) * 2 // 5
+        tail = limit - 1 - head
+        one = one[:head].rstrip() + "…" + one[len(one) - tail :].lstrip()
+    return _escape_math(one)
+
+
+def _value_text(value: Any, limit: int) -> str:
+    if isinstance(value, str):
+        return f'"{_short(value, limit)}"'
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return _escape_math(",".join(str(v) for v in value))
+    return _escape_math(str(value))
+
+
+# -- which parameters to name ------------------------------------------------------------------
+
+# Shown by the axes already, or noise at their default.
+_HIDDEN_ALWAYS = {"layers", "top_k", "max_new_tokens"}
+_HIDDEN_DEFAULT = {"position": -1}
+
+
+def _flat_params(result: Result) -> dict[str, Any]:
+    """The job's parameters (nested ones as `outer.inner`) plus its model, for titles/labels."""
+    out: dict[str, Any] = {"model": result.job.get("model")}
+
+    def walk(prefix: str, params: Mapping[str, Any]) -> None:
+        for key, value in params.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(f"{name}.", value)
+            else:
+                out[name] = value
+
+    walk("", result.job.get("params") or {})
+    return out
+
+
+def _shown(key: str, value: Any) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    if value is None or leaf in _HIDDEN_ALWAYS:
+        return False
+    return not (leaf in _HIDDEN_DEFAULT and value == _HIDDEN_DEFAULT[leaf])
+
+
+def _differing(results: Sequence[Result]) -> tuple[list[str], dict[str, Any]]:
+    """The parameter names whose values differ between jobs, and the ones all jobs share."""
+    flats = [_flat_params(r) for r in results]
+    keys: list[str] = []
+    for flat in flats:
+        keys.extend(k for k in flat if k not in keys)
+    missing = object()
+    differ = [k for k in keys if len({repr(f.get(k, missing)) for f in flats}) > 1]
+    common = {k: flats[0][k] for k in keys if k not in differ and k in flats[0]}
+    return differ, common
+
+
+def job_labels(results: Sequence[Result], limit: int = 40) -> list[str]:
+    """A short label per job, built from the parameters that differ between the jobs."""
+    if len(results) == 1:
+        return [str(results[0].job.get("id", "job"))]
+    differ, _ = _differing(results)
+    shown = [k for k in differ if k.rsplit(".", 1)[-1] not in _HIDDEN_ALWAYS] or differ
+    labels = []
+    for r in results:
+        flat = _flat_params(r)
+        if not shown:
+            labels.append(f"job {r.job.get('id')}")
+        elif len(shown) == 1 and isinstance(flat.get(shown[0]), str) and "prompt" in shown[0]:
+            labels.append(_value_text(flat[shown[0]], limit))
+        else:
+            per = max(12, limit // len(shown))
+            labels.append(", ".join(f"{k}={_value_text(flat.get(k), per)}" for k in shown))
+    # Two jobs with the same visible label (e.g. only `layers` differs, hidden) get their id.
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} ({r.job.get('id')})" for lab, r in zip(labels, results)]
+    return labels
+
+
+def _heading(results: Sequence[Result], title: str | None, width_in: float) -> str:
+    """The figure's title: experiment, model and the parameters every job shares, wrapped."""
+    exp = results[0].job["experiment"]
+    _, common = _differing(results)
+    model = common.pop("model", None)
+    first = title or " · ".join(x for x in (exp, model and _escape_math(str(model))) if x)
+    if len(results) > 1 and not title:
+        first += f" · {len(results)} jobs"
+    parts = [f"{k}={_value_text(v, 60)}" for k, v in common.items() if _shown(k, v)]
+    chars = max(40, int(width_in * 72 / (_TITLE_FONT * 0.56)))
+    lines = [first]
+    line = ""
+    for part in parts:
+        if line and len(line) + 3 + len(part) > chars:
+            lines.append(line)
+            line = part
+        else:
+            line = f"{line}   {part}" if line else part
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _footer(results: Sequence[Result]) -> str:
+    ids = [str(r.job.get("id")) for r in results]
+    if len(ids) > 6:
+        ids = ids[:5] + [f"… {len(ids) - 5} more"]
+    return ("job " if len(results) == 1 else "jobs ") + ", ".join(ids)
+
+
+# -- small numeric helpers ---------------------------------------------------------------------
+
+
+def _array(value: Any) -> Any:
+    import numpy as np
+
+    if hasattr(value, "detach"):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=float)
+
+
+def _field(result: Result, name: str) -> Any:
+    try:
+        return result[name]
+    except KeyError:
+        exp = result.job.get("experiment")
+        raise PlotError(f"result of job {result.job.get('id')} ({exp}) has no {name!r}: not a built-in {exp} result") from None
+
+
+def _grid(n: int, panel_w: float, max_w: float = 18.0, max_cols: int = 4) -> tuple[int, int]:
+    cols = max(1, min(n, max_cols, int(max_w // max(panel_w, 0.1)) or 1))
+    return cols, math.ceil(n / cols)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
+
+
+# A plan: the body's size in inches and the function that draws it on a figure.
+Plan = tuple[float, float, Callable[[Any], None]]
+
+
+# -- logit lens --------------------------------------------------------------------------------
+
+
+def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
+    import numpy as np
+
+    data = []
+    for r in results:
+        probs = _array(_field(r, "top_probs"))
+        if probs.ndim == 1:
+            probs = probs[None, :]
+        tokens = _field(r, "top_tokens")
+        if tokens and isinstance(tokens[0], str):
+            tokens = [tokens]
+        layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
+        data.append((layers, probs, [[token_label(t) for t in row] for row in tokens]))
+
+    n_layers = max(len(d[0]) for d in data)
+    k = max(d[1].shape[1] for d in data)
+    longest = max((len(t.replace("\\$", "$")) for d in data for row in d[2] for t in row), default=4)
+    cell_w = min(1.15, max(0.55, 0.068 * longest + 0.22))
+    cell_h = 0.27
+    font = 8.0
+    panel_w = k * cell_w + 0.7  # y tick labels and padding
+    # Keep big grids (many ranks, many layers) on a page: shrink cells and font together.
+    scale = min(1.0, 17.0 / panel_w, 26.0 / (n_layers * cell_h + 0.8))
+    cell_w, cell_h, font = cell_w * scale, cell_h * scale, max(4.0, font * scale)
+    panel_w = k * cell_w + 0.7
+    panel_h = n_layers * cell_h + (0.95 if len(results) > 1 else 0.6)
+    cols, rows = _grid(len(results), panel_w, max_w=17.0)
+    width = cols * panel_w + 1.3  # colorbar
+    height = rows * panel_h
+
+    def draw(fig: Any) -> None:
+        from matplotlib.colors import Normalize
+
+        cmap = _cmap("Blues")
+        norm = Normalize(0.0, 1.0)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        image = None
+        for i, ax in enumerate(axes.flat):
+            if i >= len(data):
+                ax.set_axis_off()
+                continue
+            layers, probs, toks = data[i]
+            image = ax.imshow(probs, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+            for y in range(probs.shape[0]):
+                for x in range(probs.shape[1]):
+                    rgba = cmap(norm(probs[y, x]))
+                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+                    ax.text(x, y, toks[y][x], ha="center", va="center", fontsize=font,
+                            color="white" if light < 0.5 else "black", clip_on=True)
+            ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=max(font, 6.5))
+            ax.set_xticks(range(probs.shape[1]), [str(j + 1) for j in range(probs.shape[1])], fontsize=max(font, 6.5))
+            ax.set_xlabel("rank", fontsize=_FONT)
+            ax.set_ylabel("layer", fontsize=_FONT)
+            ax.tick_params(length=0)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if len(data) > 1:
+                ax.set_title(labels[i], fontsize=_FONT)
+        if image is not None:
+            bar = fig.colorbar(image, ax=axes, shrink=min(1.0, 5.0 / max(height, 0.1)) if height > 6 else 1.0,
+                               aspect=30, pad=0.02)
+            bar.set_label("probability", fontsize=_FONT)
+            bar.ax.tick_params(labelsize=_FONT - 1)
+
+    return width, height, draw
+
+
+def _cmap(name: str) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
+# -- patching ----------------------------------------------------------------------------------
+
+
+def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
+    rows = []
+    for r in results:
+        layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
+        diff = _array(_field(r, "logit_diff")).reshape(-1)
+        rows.append((layers, diff, float(_field(r, "clean_logit_diff")), float(_field(r, "corrupted_logit_diff"))))
+    answers = {(r.job["params"].get("answer"), r.job["params"].get("wrong_answer")) for r in results}
+    n_layers = len({layer for row in rows for layer in row[0]})
+    width = min(13.0, max(6.8, 0.22 * n_layers + 5.2))
+    height = 4.6 + (0.25 * math.ceil((len(results) + 2) / 2) if len(results) > 1 else 0.3)
+
+    def draw(fig: Any) -> None:
+        from matplotlib.lines import Line2D
+
+        ax = fig.subplots()
+        single = len(rows) == 1
+        colors = _colors(len(rows))
+        handles = []
+        for (layers, diff, clean, corrupted), label, color in zip(rows, labels, colors):
+            (line,) = ax.plot(layers, diff, marker="o", markersize=4.5, linewidth=1.8, color=color,
+                              label="patched run (clean layer output → corrupted run)" if single else label)
+            handles.append(line)
+            clean_style = dict(color="tab:green" if single else color, linestyle="--", linewidth=1.2)
+            corrupt_style = dict(color="tab:red" if single else color, linestyle=":", linewidth=1.4)
+            h1 = ax.axhline(clean, **clean_style)
+            h2 = ax.axhline(corrupted, **corrupt_style)
+            if single:
+                h1.set_label(f"clean run ({clean:+.2f})")
+                h2.set_label(f"corrupted run ({corrupted:+.2f})")
+                handles += [h1, h2]
+        if not single:
+            handles += [Line2D([], [], color="grey", linestyle="--", linewidth=1.2, label="clean run level"),
+                        Line2D([], [], color="grey", linestyle=":", linewidth=1.4, label="corrupted run level")]
+        ax.axhline(0.0, color="0.75", linewidth=0.8, zorder=0)
+        all_layers = sorted({layer for row in rows for layer in row[0]})
+        if len(all_layers) <= 40:
+            ax.set_xticks(all_layers)
+        ax.set_xlabel("patched layer", fontsize=_FONT + 0.5)
+        if len(answers) == 1:
+            answer, wrong = next(iter(answers))
+            ylabel = f'logit("{token_label(str(answer))}") − logit("{token_label(str(wrong))}")'
+        else:
+            ylabel = "logit(answer) − logit(wrong answer)"
+        ax.set_ylabel(ylabel, fontsize=_FONT + 0.5)
+        ax.tick_params(labelsize=_FONT)
+        ax.grid(axis="y", color="0.92")
+        ax.margins(x=0.03)
+        if single:
+            _, _, clean, corrupted = rows[0]
+            if abs(clean - corrupted) > 1e-6:
+                def frac(y: Any) -> Any:
+                    return (y - corrupted) / (clean - corrupted)
+
+                def unfrac(f: Any) -> Any:
+                    return f * (clean - corrupted) + corrupted
+
+                sec = ax.secondary_yaxis("right", functions=(frac, unfrac))
+                sec.set_ylabel("fraction of the clean difference recovered", fontsize=_FONT)
+                sec.tick_params(labelsize=_FONT - 0.5)
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)) if single else 2,
+                   fontsize=_FONT, frameon=False)
+
+    return width, height, draw
+
+
+# -- activations -------------------------------------------------------------------------------
+
+
+def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
+    rows = []
+    for r in results:
+        layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
+        norms = _array(_field(r, "norms")).reshape(-1)
+        probs = _array(_field(r, "top_probs")).reshape(-1)
+        tokens = [token_label(t) for t in _field(r, "top_tokens")]
+        rows.append((layers, norms, probs, tokens))
+    k = max(len(row[2]) for row in rows)
+    n = len(rows)
+    n_layers = len({layer for row in rows for layer in row[0]})
+    bar_h = 0.24 * k + 0.55
+    height = max(4.2, n * bar_h + 0.6) + (0.25 * math.ceil(n / 2) if n > 1 else 0)
+    width = min(14.0, max(6.0, 0.2 * n_layers + 4.5)) + 3.6
+
+    def draw(fig: Any) -> None:
+        import numpy as np
+
+        colors = _colors(n)
+        left, right = fig.subfigures(1, 2, width_ratios=[width - 3.6, 3.6], wspace=0.02)
+        ax = left.subplots()
+        for (layers, norms, _, _), label, color in zip(rows, labels, colors):
+            ax.plot(layers, norms, marker="o", markersize=4.5, linewidth=1.8, color=color, label=label)
+        every = np.concatenate([row[1] for row in rows])
+        positive = every[every > 0]
+        if positive.size and positive.max() / positive.min() > 30:
+            ax.set_yscale("log")
+        all_layers = sorted({layer for row in rows for layer in row[0]})
+        if len(all_layers) <= 40:
+            ax.set_xticks(all_layers)
+        ax.set_xlabel("layer", fontsize=_FONT + 0.5)
+        ax.set_ylabel("block-output norm over the prompt tokens", fontsize=_FONT + 0.5)
+        ax.tick_params(labelsize=_FONT)
+        ax.grid(color="0.92")
+        ax.margins(x=0.03)
+        if n > 1:
+            left.legend(loc="outside lower center", ncols=2, fontsize=_FONT, frameon=False)
+        axes = right.subplots(n, 1, squeeze=False)[:, 0]
+        right.suptitle("next-token top-k", fontsize=_FONT + 0.5)
+        xmax = max(float(row[2].max()) for row in rows if row[2].size)
+        for ax_b, (_, _, probs, tokens), label, color in zip(axes, rows, labels, colors):
+            _hbars(ax_b, tokens, [float(p) for p in probs], color, xmax)
+            if n > 1:
+                ax_b.set_title(label, fontsize=_FONT, color=color)
+
+    return width, height, draw
+
+
+def _hbars(ax: Any, tokens: list[str], probs: list[float], color: Any, xmax: float) -> None:
+    y = list(range(len(tokens)))
+    ax.barh(y, probs, color=color, height=0.7)
+    for yy, p in zip(y, probs):
+        ax.text(p + xmax * 0.02, yy, f"{p:.3f}", va="center", fontsize=_FONT - 1.5, color="0.3")
+    ax.set_yticks(y, tokens, fontsize=_FONT)
+    ax.invert_yaxis()
+    ax.set_xlim(0, xmax * 1.22)
+    ax.set_xlabel("probability", fontsize=_FONT - 0.5)
+    ax.tick_params(axis="x", labelsize=_FONT - 1)
+    ax.tick_params(axis="y", length=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+# -- steering and cross-prompt: two top-k lists side by side -----------------------------------
+
+
+def _softmax(logits: Any) -> Any:
+    import numpy as np
+
+    z = logits - logits.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
+          get: Callable[[Result], tuple[list[str], list[float | None], list[float | None], float, float]]) -> Plan:
+    panels = [get(r) for r in results]
+    longest = max((len(t) for p in panels for t in p[0]), default=6)
+    panel_w = 3.6 + 0.075 * longest
+    cols, rows = _grid(len(panels), panel_w, max_w=16.0, max_cols=3)
+    tallest = max(len(p[0]) for p in panels)
+    panel_h = 0.42 * tallest + (1.05 if len(panels) > 1 else 0.8)
+    width, height = cols * panel_w, rows * panel_h + 0.35
+
+    def draw(fig: Any) -> None:
+        import numpy as np
+        from matplotlib.patches import Patch
+
+        base, alt = "0.62", "tab:blue"
+        axes = fig.subplots(rows, cols, squeeze=False)
+        xmax = max((p for panel in panels for seq in (panel[1], panel[2]) for p in seq if p is not None), default=1.0)
+        for i, ax in enumerate(axes.flat):
+            if i >= len(panels):
+                ax.set_axis_off()
+                continue
+            tokens, a, b, floor_a, floor_b = panels[i]
+            y = np.arange(len(tokens))
+            hh = 0.38
+            for offset, values, color, floor in ((-hh / 2, a, base, floor_a), (hh / 2, b, alt, floor_b)):
+                for yy, v in zip(y, values):
+                    if v is None:
+                        ax.text(xmax * 0.01, yy + offset, f"< {floor:.3f} (not in top-k)", va="center",
+                                fontsize=_FONT - 2.5, color="0.45", style="italic")
+                        continue
+                    ax.barh(yy + offset, v, height=hh, color=color)
+                    ax.text(v + xmax * 0.015, yy + offset, f"{v:.3f}", va="center", fontsize=_FONT - 2, color="0.3")
+            ax.set_yticks(y, tokens, fontsize=_FONT)
+            ax.set_ylim(len(tokens) - 0.5, -0.5)
+            ax.set_xlim(0, xmax * 1.25)
+            ax.set_xlabel("next-token probability", fontsize=_FONT - 0.5)
+            ax.tick_params(axis="x", labelsize=_FONT - 1)
+            ax.tick_params(axis="y", length=0)
+            for side in ("top", "right"):
+                ax.spines[side].set_visible(False)
+            if len(panels) > 1:
+                ax.set_title(labels[i], fontsize=_FONT)
+        fig.legend(handles=[Patch(color=base, label=names[0]), Patch(color=alt, label=names[1])],
+                   loc="outside lower center", ncols=2, fontsize=_FONT, frameon=False)
+
+    return width, height, draw
+
+
+def _union(ids_a: Sequence[int], toks_a: Sequence[str], ids_b: Sequence[int], toks_b: Sequence[str]) -> tuple[list[int], dict[int, str]]:
+    order: list[int] = []
+    names: dict[int, str] = {}
+    for i, t in [*zip(ids_a, toks_a), *zip(ids_b, toks_b)]:
+        if i not in names:
+            order.append(i)
+            names[i] = t
+    return order, names
+
+
+def _steering_panel(r: Result) -> tuple[list[str], list[float | None], list[float | None], float, float]:
+    ids_a = [int(x) for x in _array(_field(r, "top_ids")).reshape(-1)]
+    ids_b = [int(x) for x in _array(_field(r, "steered_top_ids")).reshape(-1)]
+    pa = [float(x) for x in _array(_field(r, "top_probs")).reshape(-1)]
+    pb = [float(x) for x in _array(_field(r, "steered_top_probs")).reshape(-1)]
+    order, names = _union(ids_a, _field(r, "top_tokens"), ids_b, _field(r, "steered_top_tokens"))
+    a = dict(zip(ids_a, pa))
+    b = dict(zip(ids_b, pb))
+    order.sort(key=lambda i: -max(a.get(i, 0.0), b.get(i, 0.0)))
+    return ([token_label(names[i]) for i in order], [a.get(i) for i in order], [b.get(i) for i in order],
+            min(pa, default=0.0), min(pb, default=0.0))
+
+
+def _cross_prompt_panel(r: Result) -> tuple[list[str], list[float | None], list[float | None], float, float]:
+    ids_a = [int(x) for x in _array(_field(r, "top_ids_before")).reshape(-1)]
+    ids_b = [int(x) for x in _array(_field(r, "top_ids_after")).reshape(-1)]
+    order, names = _union(ids_a, _field(r, "top_tokens_before"), ids_b, _field(r, "top_tokens_after"))
+    try:  # the full logits give every token's probability in both runs
+        pa_all, pb_all = _softmax(_array(r["logits_before"]).reshape(-1)), _softmax(_array(r["logits_after"]).reshape(-1))
+        a = {i: float(pa_all[i]) for i in order}
+        b = {i: float(pb_all[i]) for i in order}
+    except KeyError:
+        a = dict(zip(ids_a, (float(x) for x in _array(_field(r, "top_probs_before")).reshape(-1))))
+        b = dict(zip(ids_b, (float(x) for x in _array(_field(r, "top_probs_after")).reshape(-1))))
+    order.sort(key=lambda i: -max(a.get(i, 0.0), b.get(i, 0.0)))
+    floor_a = min((a[i] for i in ids_a if i in a), default=0.0)
+    floor_b = min((b[i] for i in ids_b if i in b), default=0.0)
+    return [token_label(names[i]) for i in order], [a.get(i) for i in order], [b.get(i) for i in order], floor_a, floor_b
+
+
+# -- generation --------------------------------------------------------------------------------
+
+_WRAP = 96
+_MAX_LINES = 48
+
+
+def _wrap(text: str, width: int = _WRAP) -> list[str]:
+    lines: list[str] = []
+    for para in text.replace("\r\n", "\n").split("\n"):
+        wrapped = textwrap.wrap(para.replace("\t", "    "), width=width, replace_whitespace=False,
+                                drop_whitespace=True, break_long_words=True, break_on_hyphens=False)
+        lines.extend(wrapped or [""])
+    if len(lines) > _MAX_LINES:
+        cut = len(lines) - _MAX_LINES + 1
+        lines = lines[: _MAX_LINES - 1] + [f"… ({cut} more lines)"]
+    return [_escape_math(line) for line in lines]
+
+
+def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
+    blocks = []
+    for r in results:
+        prompt = str(r.job.get("params", {}).get("prompt", ""))
+        text = str(_field(r, "text"))
+        n_tokens = int(_array(_field(r, "token_ids")).size)
+        blocks.append((_wrap(prompt), _wrap(text), n_tokens))
+    line_h = _FONT * 1.45 / 72  # inches per line
+    heads = 2 * 0.26
+    heights = [(len(p) + len(g)) * line_h + heads + 0.3 + (0.25 if len(results) > 1 else 0) for p, g, _ in blocks]
+    width = _WRAP * _FONT * 0.602 / 72 + 0.6
+    height = sum(heights) + 0.3
+
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(len(blocks), 1, squeeze=False, height_ratios=heights)[:, 0]
+        for ax, (prompt, gen, n_tokens), label in zip(axes, blocks, labels):
+            ax.set_axis_off()
+            if len(blocks) > 1:
+                ax.set_title(label, fontsize=_FONT + 0.5, loc="left")
+            y = 0.0  # points below the top of the panel
+
+            def put(text: str, y: float, **kw: Any) -> None:
+                ax.annotate(text, xy=(0, 1), xycoords="axes fraction", xytext=(0, -y), textcoords="offset points",
+                            va="top", ha="left", annotation_clip=False, **kw)
+
+            put("prompt", y, fontsize=_FONT - 0.5, color="0.4", weight="bold")
+            y += 0.26 * 72
+            put("\n".join(prompt), y, fontsize=_FONT, family="monospace", color="0.35", linespacing=1.45 / 1.2)
+            y += len(prompt) * line_h * 72 + 0.15 * 72
+            put(f"generated ({n_tokens} token{'s' if n_tokens != 1 else ''})", y, fontsize=_FONT - 0.5,
+                color="tab:blue", weight="bold")
+            y += 0.26 * 72
+            put("\n".join(gen), y, fontsize=_FONT, family="monospace", color="black", linespacing=1.45 / 1.2)
+
+    return width, height, draw
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+_DRAW: dict[str, Callable[[Sequence[Any], list[str]], Plan]] = {
+    "logit-lens": _logit_lens,
+    "patching": _patching,
+    "activations": _activations,
+    "steering": lambda rs, ls: _pair(rs, ls, ("without the vector", "with the steering vector"), _steering_panel),
+    "cross-prompt": lambda rs, ls: _pair(rs, ls, ("target prompt as is", "patched from the source prompt"), _cross_prompt_panel),
+    "generate": _generate,
+}
+
+
+def _experiment(results: Sequence[Result]) -> str:
+    if not results:
+        raise PlotError("plot takes at least one result")
+    names: list[str] = []
+    for r in results:
+        name = r.job.get("experiment")
+        if name not in names:
+            names.append(name)
+    if len(names) > 1:
+        shown = ", ".join(names[:-1]) + f" and {names[-1]}"
+        raise PlotError(f"plot takes results of one experiment; got {shown}")
+    if names[0] not in _DRAW:
+        raise PlotError(f"no plot for experiment {names[0]!r}: plot draws {', '.join(PLOTTABLE)}")
+    return names[0]
+
+
+def default_plot_name(results: Sequence[Result]) -> str:
+    """A file name for the figure of these results: `<experiment>-<job id>[-<job id>…].png`."""
+    results = list(results)
+    if not results:
+        raise PlotError("plot takes at least one result")
+    exp = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(results[0].job.get("experiment", "results"))).strip("._") or "results"
+    ids = [re.sub(r"[^A-Za-z0-9]+", "", str(r.job.get("id", ""))) for r in results]
+    name = "-".join([exp, *ids[:3]])
+    if len(ids) > 3:
+        name += f"-and-{len(ids) - 3}-more"
+    return name + ".png"
+
+
+def plot_results(results: Sequence[Result], out: Path | str, title: str | None = None) -> Path:
+    """Draw the figure for results of one experiment and write it to `out`; returns the path written.
+
+    `out` may be a file (its suffix picks the format: .png, .pdf, .svg; none means .png) or an
+    existing folder (the file is then named by `default_plot_name`). Raises `PlotError` (a
+    `ValueError` and a `BadInput`) for no results, mixed experiments or an unknown experiment.
+    """
+    results = list(results)
+    exp = _experiment(results)
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("plotting needs matplotlib: pip install 'ndif-jobs[plot]'") from None
+    out = Path(out)
+    if out.is_dir():
+        out = out / default_plot_name(results)
+    elif not out.suffix:
+        out = out.with_suffix(".png")
+    labels = job_labels(results)
+    width, height, draw = _DRAW[exp](results, labels)
+    heading = _heading(results, title, width)
+    title_h = (heading.count("\n") + 1) * _TITLE_FONT * 1.35 / 72 + 0.15
+    footer_h = 0.25
+    with matplotlib.rc_context({"font.size": _FONT, "axes.titlesize": _FONT + 0.5, "savefig.dpi": _DPI}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig = Figure(figsize=(width, height + title_h + footer_h), layout="constrained")
+        draw(fig)
+        fig.suptitle(heading, fontsize=_TITLE_FONT)
+        fig.supxlabel(_footer(results), fontsize=_FONT - 2, color="0.5", ha="right", x=0.995)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=_DPI)
+    return out

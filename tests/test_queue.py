@@ -1,0 +1,108 @@
+"""Queue operations on a real SQLite file and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ndif_jobs.db.engine import dispose_engines, open_database
+from ndif_jobs.db.queue import NewJob, Queue
+
+
+def job(n: int, key: str | None = None, priority: int = 0, **kw) -> NewJob:  # type: ignore[no-untyped-def]
+    return NewJob(key=key or f"{n:064x}", experiment="activations", model="m", model_key="local:m", backend="local",
+                  params={"n": n}, priority=priority, **kw)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queue(request, tmp_path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'q.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    yield Queue(open_database(url))
+    dispose_engines()
+
+
+def test_claim_takes_priority_then_age_and_never_twice(queue) -> None:  # type: ignore[no-untyped-def]
+    queue.enqueue([job(1), job(2, priority=5), job(3)])
+    first = queue.claim("w1", limit=2, lease_s=60)
+    assert [r.params for r in first] == ['{"n": 2}', '{"n": 1}']
+    assert all(r.state == "claimed" and r.lease_owner == "w1" and r.attempts == 1 for r in first)
+    second = queue.claim("w2", limit=5, lease_s=60)
+    assert [r.params for r in second] == ['{"n": 3}']
+    assert queue.claim("w3", limit=5, lease_s=60) == []
+
+
+def test_finish_is_idempotent_and_needs_the_lease(queue) -> None:  # type: ignore[no-untyped-def]
+    (a,) = queue.enqueue([job(1)])
+    queue.claim("w1", limit=1, lease_s=60)
+    assert queue.finish("w2", completed=[(a.id, "k" * 64, 10)])["completed"] == 0  # not its lease
+    assert queue.finish("w1", completed=[(a.id, "k" * 64, 10)])["completed"] == 1
+    assert queue.finish("w1", completed=[(a.id, "x" * 64, 99)])["completed"] == 0  # late duplicate
+    row = queue.get(a.id)
+    assert (row.state, row.result_key, row.result_bytes) == ("completed", "k" * 64, 10)
+
+
+def test_failure_retries_with_backoff_then_fails(queue) -> None:  # type: ignore[no-untyped-def]
+    (a,) = queue.enqueue([job(1, max_attempts=2)])
+    queue.claim("w", limit=1, lease_s=60)
+    assert queue.finish("w", failed=[(a.id, "boom")], retry_delay_s=30)["retried"] == 1
+    row = queue.get(a.id)
+    assert row.state == "queued" and row.not_before > time.time() + 20 and row.error == "boom"
+    assert queue.claim("w", limit=1, lease_s=60) == []  # not before its time
+    queue.finish("w", failed=[])
+    with queue.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET not_before = 0")
+    queue.claim("w", limit=1, lease_s=60)
+    assert queue.finish("w", failed=[(a.id, "boom again")])["failed"] == 1
+    assert queue.get(a.id).state == "failed"
+    assert [x.outcome for x in queue.attempts_of(a.id)] == ["failed", "failed"]
+
+
+def test_expired_lease_goes_back_to_the_queue(queue) -> None:  # type: ignore[no-untyped-def]
+    (a,) = queue.enqueue([job(1)])
+    queue.claim("dead-worker", limit=1, lease_s=0.01)
+    time.sleep(0.05)
+    (again,) = queue.claim("w2", limit=1, lease_s=60)
+    assert again.id == a.id and again.lease_owner == "w2" and again.attempts == 2
+    assert queue.finish("dead-worker", completed=[(a.id, "k" * 64, 1)])["completed"] == 0
+
+
+def test_dedup_joins_queued_and_serves_completed(queue) -> None:  # type: ignore[no-untyped-def]
+    first, joined = queue.enqueue([job(1, key="a" * 64), job(2, key="a" * 64)])
+    assert first.state == "queued" and joined.joined and joined.id == first.id
+    queue.claim("w", limit=1, lease_s=60)
+    queue.finish("w", completed=[(first.id, "a" * 64, 5)])
+    (cached,) = queue.enqueue([job(3, key="a" * 64)])
+    assert cached.state == "cached" and cached.id != first.id
+    assert queue.get(cached.id).result_key == "a" * 64
+    (forced,) = queue.enqueue([job(4, key="a" * 64, force=True)])
+    assert forced.state == "queued"
+
+
+def test_cancel_retry_counts_and_lookup(queue) -> None:  # type: ignore[no-untyped-def]
+    a, b = queue.enqueue([job(1, tags=["x"]), job(2)])
+    assert queue.cancel([a.id]) == {a.id: "cancelled"}
+    assert queue.retry([a.id]) == {a.id: "queued"}
+    assert queue.counts()["queued"] == 2
+    assert [r.id for r in queue.list_jobs(tag="x")] == [a.id]
+    assert queue.get(a.id[:6]).id == a.id
+    assert queue.get(f"{1:064x}").id == a.id  # by cache key
+    assert queue.stored_bytes() == 0
+
+
+def test_release_returns_jobs_untouched(queue) -> None:  # type: ignore[no-untyped-def]
+    (a,) = queue.enqueue([job(1)])
+    queue.claim("w", limit=1, lease_s=60)
+    assert queue.release("w") == 1
+    row = queue.get(a.id)
+    assert row.state == "queued" and row.attempts == 0 and row.lease_owner is None
+    assert [x.outcome for x in queue.attempts_of(a.id)] == ["released"]
+
+
+def test_batched_enqueue_of_many(queue) -> None:  # type: ignore[no-untyped-def]
+    out = queue.enqueue([job(i) for i in range(2000)])
+    assert len({o.id for o in out}) == 2000
+    assert queue.counts()["queued"] == 2000
