@@ -402,7 +402,12 @@ def results(
     table.add_column("value", overflow="fold")
     for name, value in result.items():
         table.add_row(name, _describe(value))
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    from .summaries import summarize
+
+    for line in summarize(result.job["experiment"], result):
+        console.print(f"  {line}", markup=False)
 
 
 def _describe(value: Any) -> str:

@@ -93,7 +93,7 @@ class Experiment:
     def describe_params(self) -> list[dict[str, Any]]:
         out = []
         for name, info in self.params.model_fields.items():
-            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation)
+            annotation = info.annotation.__name__ if isinstance(info.annotation, type) else str(info.annotation)
             out.append(
                 {
                     "name": name,
