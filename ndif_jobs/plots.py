@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import textwrap
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ _DPI = 150
 _FONT = 9  # base font size, points
 _TITLE_FONT = 10.5
 _MAX_TOKEN_CHARS = 14
+_MAX_RANKS = 20  # most top-k entries drawn per list; a larger k is cut (and the cut is said)
 
 
 class PlotError(BadInput, ValueError):
@@ -39,7 +39,7 @@ class PlotError(BadInput, ValueError):
 
 # -- text helpers ------------------------------------------------------------------------------
 
-_VISIBLE = {"\n": "⏎", "\r": "\\r", "\t": "⇥", "\xa0": "⍽", "\u200b": "\\u200b"}
+_VISIBLE = {"\n": "⏎", "\r": "\\r", "\t": "⇥", "\xa0": "\\xa0", "\u200b": "\\u200b"}
 
 
 def _escape_math(text: str) -> str:
@@ -78,6 +78,18 @@ def _short(text: str, limit: int) -> str:
 
 
 def _value_text(value: Any, limit: int) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        if "positive_prompt" in value and "negative_prompt" in value:  # a steering spec
+            each = max(8, limit // 3)
+            text = f'{_value_text(value["positive_prompt"], each)} − {_value_text(value["negative_prompt"], each)}'
+            if "layer" in value:
+                text += f" at layer {value['layer']}"
+            if value.get("coefficient") is not None:
+                text += f" ×{_value_text(value['coefficient'], 8)}"
+            return text
+        return ", ".join(f"{k}={_value_text(v, max(8, limit // max(len(value), 1)))}" for k, v in value.items())
     if isinstance(value, str):
         return f'"{_short(value, limit)}"'
     if isinstance(value, float):
@@ -92,29 +104,29 @@ def _value_text(value: Any, limit: int) -> str:
 # Shown by the axes already, or noise at their default.
 _HIDDEN_ALWAYS = {"layers", "top_k", "max_new_tokens"}
 _HIDDEN_DEFAULT = {"position": -1}
+# Shown in full by the figure itself.
+_HEADING_SKIP = {"generate": ("prompt",)}
 
 
 def _flat_params(result: Result) -> dict[str, Any]:
-    """The job's parameters (nested ones as `outer.inner`) plus its model, for titles/labels."""
-    out: dict[str, Any] = {"model": result.job.get("model")}
-
-    def walk(prefix: str, params: Mapping[str, Any]) -> None:
-        for key, value in params.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                walk(f"{name}.", value)
-            else:
-                out[name] = value
-
-    walk("", result.job.get("params") or {})
-    return out
+    """The job's parameters plus its model, for titles and labels."""
+    return {"model": result.job.get("model"), **(result.job.get("params") or {})}
 
 
 def _shown(key: str, value: Any) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    if value is None or leaf in _HIDDEN_ALWAYS:
+    if value is None or key in _HIDDEN_ALWAYS:
         return False
-    return not (leaf in _HIDDEN_DEFAULT and value == _HIDDEN_DEFAULT[leaf])
+    return not (key in _HIDDEN_DEFAULT and value == _HIDDEN_DEFAULT[key])
+
+
+_KEY_ORDER = (
+    "prompt", "clean_prompt", "corrupted_prompt", "source_prompt", "target_prompt", "positive_prompt",
+    "negative_prompt", "answer", "wrong_answer", "layer", "coefficient", "position", "model",
+)
+
+
+def _order(key: str) -> tuple[int, str]:
+    return (_KEY_ORDER.index(key) if key in _KEY_ORDER else len(_KEY_ORDER)), key
 
 
 def _differing(results: Sequence[Result]) -> tuple[list[str], dict[str, Any]]:
@@ -123,31 +135,47 @@ def _differing(results: Sequence[Result]) -> tuple[list[str], dict[str, Any]]:
     keys: list[str] = []
     for flat in flats:
         keys.extend(k for k in flat if k not in keys)
+    keys.sort(key=_order)
     missing = object()
     differ = [k for k in keys if len({repr(f.get(k, missing)) for f in flats}) > 1]
     common = {k: flats[0][k] for k in keys if k not in differ and k in flats[0]}
     return differ, common
 
 
-def job_labels(results: Sequence[Result], limit: int = 40) -> list[str]:
-    """A short label per job, built from the parameters that differ between the jobs."""
-    if len(results) == 1:
-        return [str(results[0].job.get("id", "job"))]
+def _is_prompt(key: str) -> bool:
+    return "prompt" in key
+
+
+def job_labels(results: Sequence[Result], limit: int = 64, exclude: Sequence[str] = ()) -> list[str]:
+    """A short label per job, built from the parameters that differ between the jobs.
+
+    The first differing prompt is shown as its quoted text; up to two other differing
+    parameters follow as `name=value`. Jobs that differ in nothing shown get their id.
+    """
     differ, _ = _differing(results)
-    shown = [k for k in differ if k.rsplit(".", 1)[-1] not in _HIDDEN_ALWAYS] or differ
+    shown = [k for k in differ if k not in _HIDDEN_ALWAYS and k not in exclude]
+    if not shown:
+        shown = [k for k in differ if k not in exclude]
+    prompts = [k for k in shown if _is_prompt(k)]
+    others = [k for k in shown if not _is_prompt(k)][:2]
+    keys = prompts[:1] + others
+    pair = others == ["answer", "wrong_answer"]  # patching: `" Mary" vs " John"`
     labels = []
     for r in results:
         flat = _flat_params(r)
-        if not shown:
-            labels.append(f"job {r.job.get('id')}")
-        elif len(shown) == 1 and isinstance(flat.get(shown[0]), str) and "prompt" in shown[0]:
-            labels.append(_value_text(flat[shown[0]], limit))
-        else:
-            per = max(12, limit // len(shown))
-            labels.append(", ".join(f"{k}={_value_text(flat.get(k), per)}" for k in shown))
-    # Two jobs with the same visible label (e.g. only `layers` differs, hidden) get their id.
+        parts = []
+        for key in keys:
+            value = flat.get(key)
+            if _is_prompt(key) and isinstance(value, str):
+                parts.append(_value_text(value, max(28, limit - 16 * len(others))))
+            elif pair and key == "answer":
+                parts.append(f"{_value_text(value, 12)} vs {_value_text(flat.get('wrong_answer'), 12)}")
+            elif not (pair and key == "wrong_answer"):
+                parts.append(f"{key}={_value_text(value, 48 if isinstance(value, Mapping) else 16)}")
+        labels.append(", ".join(parts) if parts else f"job {r.job.get('id')}")
+    # Two jobs with the same visible label (they differ only in what is not shown) get their id.
     if len(set(labels)) < len(labels):
-        labels = [f"{lab} ({r.job.get('id')})" for lab, r in zip(labels, results)]
+        labels = [f"{lab} (job {r.job.get('id')})" if keys else lab for lab, r in zip(labels, results)]
     return labels
 
 
@@ -156,10 +184,10 @@ def _heading(results: Sequence[Result], title: str | None, width_in: float) -> s
     exp = results[0].job["experiment"]
     _, common = _differing(results)
     model = common.pop("model", None)
-    first = title or " · ".join(x for x in (exp, model and _escape_math(str(model))) if x)
-    if len(results) > 1 and not title:
-        first += f" · {len(results)} jobs"
-    parts = [f"{k}={_value_text(v, 60)}" for k, v in common.items() if _shown(k, v)]
+    for key in _HEADING_SKIP.get(exp, ()):
+        common.pop(key, None)
+    first = " · ".join(x for x in (title or exp, model and _escape_math(str(model)), _job_ids(results)) if x)
+    parts = [f"{k}={_value_text(v, 70)}" for k, v in common.items() if _shown(k, v)]
     chars = max(40, int(width_in * 72 / (_TITLE_FONT * 0.56)))
     lines = [first]
     line = ""
@@ -174,11 +202,11 @@ def _heading(results: Sequence[Result], title: str | None, width_in: float) -> s
     return "\n".join(lines)
 
 
-def _footer(results: Sequence[Result]) -> str:
+def _job_ids(results: Sequence[Result]) -> str:
     ids = [str(r.job.get("id")) for r in results]
-    if len(ids) > 6:
-        ids = ids[:5] + [f"… {len(ids) - 5} more"]
-    return ("job " if len(results) == 1 else "jobs ") + ", ".join(ids)
+    if len(ids) > 4:
+        return f"{len(ids)} jobs: {', '.join(ids[:3])}, …"
+    return ("job " if len(ids) == 1 else "jobs ") + ", ".join(ids)
 
 
 # -- small numeric helpers ---------------------------------------------------------------------
@@ -213,6 +241,11 @@ def _colors(n: int) -> list[Any]:
     return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
 
 
+def _bottom_legend(fig: Any, **kw: Any) -> Any:
+    """A legend under the plots (constrained layout makes room for it)."""
+    return fig.legend(loc="outside lower center", fontsize=_FONT, frameon=False, **kw)
+
+
 # A plan: the body's size in inches and the function that draws it on a figure.
 Plan = tuple[float, float, Callable[[Any], None]]
 
@@ -232,7 +265,9 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
         if tokens and isinstance(tokens[0], str):
             tokens = [tokens]
         layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
-        data.append((layers, probs, [[token_label(t) for t in row] for row in tokens]))
+        full_k = probs.shape[1]
+        probs = probs[:, :_MAX_RANKS]
+        data.append((layers, probs, [[token_label(t) for t in row[:_MAX_RANKS]] for row in tokens], full_k))
 
     n_layers = max(len(d[0]) for d in data)
     k = max(d[1].shape[1] for d in data)
@@ -247,7 +282,10 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
     panel_w = k * cell_w + 0.7
     panel_h = n_layers * cell_h + (0.95 if len(results) > 1 else 0.6)
     cols, rows = _grid(len(results), panel_w, max_w=17.0)
-    width = cols * panel_w + 1.3  # colorbar
+    widths = [d[1].shape[1] * cell_w + 0.7 for d in data]
+    # One row: each panel as wide as its own ranks; several rows: columns as wide as the widest.
+    ratios = widths if rows == 1 else None
+    width = (sum(widths) if rows == 1 else cols * panel_w) + 1.3  # colorbar
     height = rows * panel_h
 
     def draw(fig: Any) -> None:
@@ -255,14 +293,16 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
 
         cmap = _cmap("Blues")
         norm = Normalize(0.0, 1.0)
-        axes = fig.subplots(rows, cols, squeeze=False)
+        axes = fig.subplots(rows, cols, squeeze=False, width_ratios=ratios)
         image = None
         for i, ax in enumerate(axes.flat):
             if i >= len(data):
                 ax.set_axis_off()
                 continue
-            layers, probs, toks = data[i]
+            layers, probs, toks, full_k = data[i]
             image = ax.imshow(probs, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+            # Every grid keeps the same cell size; one with fewer layers sits at the top.
+            ax.set_box_aspect(probs.shape[0] * cell_h / (probs.shape[1] * cell_w))
             for y in range(probs.shape[0]):
                 for x in range(probs.shape[1]):
                     rgba = cmap(norm(probs[y, x]))
@@ -271,7 +311,8 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
                             color="white" if light < 0.5 else "black", clip_on=True)
             ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=max(font, 6.5))
             ax.set_xticks(range(probs.shape[1]), [str(j + 1) for j in range(probs.shape[1])], fontsize=max(font, 6.5))
-            ax.set_xlabel("rank", fontsize=_FONT)
+            shown_k = probs.shape[1]
+            ax.set_xlabel("rank" if shown_k == full_k else f"rank (first {shown_k} of {full_k})", fontsize=_FONT)
             ax.set_ylabel("layer", fontsize=_FONT)
             ax.tick_params(length=0)
             for spine in ax.spines.values():
@@ -280,11 +321,28 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
                 ax.set_title(labels[i], fontsize=_FONT)
         if image is not None:
             bar = fig.colorbar(image, ax=axes, shrink=min(1.0, 5.0 / max(height, 0.1)) if height > 6 else 1.0,
-                               aspect=30, pad=0.02)
+                               aspect=30, pad=0.02, panchor=False)
+            for ax in axes.flat:
+                ax.set_anchor("N")
             bar.set_label("probability", fontsize=_FONT)
             bar.ax.tick_params(labelsize=_FONT - 1)
 
     return width, height, draw
+
+
+# Fonts for the scripts DejaVu lacks (CJK and more), used as fallbacks where installed.
+_FALLBACK_FONTS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+    "WenQuanYi Zen Hei", "Droid Sans Fallback", "Hiragino Sans", "Microsoft YaHei", "Noto Sans",
+    "Noto Sans Symbols 2", "Arial Unicode MS",
+)
+
+
+def _fallback_fonts() -> list[str]:
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return [name for name in _FALLBACK_FONTS if name in installed]
 
 
 def _cmap(name: str) -> Any:
@@ -305,7 +363,7 @@ def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
     answers = {(r.job["params"].get("answer"), r.job["params"].get("wrong_answer")) for r in results}
     n_layers = len({layer for row in rows for layer in row[0]})
     width = min(13.0, max(6.8, 0.22 * n_layers + 5.2))
-    height = 4.6 + (0.25 * math.ceil((len(results) + 2) / 2) if len(results) > 1 else 0.3)
+    height = 4.4 + 0.19 * (len(results) + 2)
 
     def draw(fig: Any) -> None:
         from matplotlib.lines import Line2D
@@ -355,8 +413,7 @@ def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
                 sec = ax.secondary_yaxis("right", functions=(frac, unfrac))
                 sec.set_ylabel("fraction of the clean difference recovered", fontsize=_FONT)
                 sec.tick_params(labelsize=_FONT - 0.5)
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)) if single else 2,
-                   fontsize=_FONT, frameon=False)
+        _bottom_legend(fig, handles=handles, ncols=1)
 
     return width, height, draw
 
@@ -369,10 +426,12 @@ def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
     for r in results:
         layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
         norms = _array(_field(r, "norms")).reshape(-1)
-        probs = _array(_field(r, "top_probs")).reshape(-1)
-        tokens = [token_label(t) for t in _field(r, "top_tokens")]
+        probs = _array(_field(r, "top_probs")).reshape(-1)[:_MAX_RANKS]
+        tokens = [token_label(t) for t in _field(r, "top_tokens")[:_MAX_RANKS]]
         rows.append((layers, norms, probs, tokens))
     k = max(len(row[2]) for row in rows)
+    full_k = max(int(_array(_field(r, "top_probs")).size) for r in results)
+    bars_title = f"next-token top {k}" if k == full_k else f"next-token top {full_k} (first {k})"
     n = len(rows)
     n_layers = len({layer for row in rows for layer in row[0]})
     bar_h = 0.24 * k + 0.55
@@ -402,12 +461,14 @@ def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
         if n > 1:
             left.legend(loc="outside lower center", ncols=2, fontsize=_FONT, frameon=False)
         axes = right.subplots(n, 1, squeeze=False)[:, 0]
-        right.suptitle("next-token top-k", fontsize=_FONT + 0.5)
+        short = job_labels(results, limit=40) if n > 1 else labels
+        if n > 1:
+            right.suptitle(bars_title, fontsize=_FONT + 0.5)
         xmax = max(float(row[2].max()) for row in rows if row[2].size)
-        for ax_b, (_, _, probs, tokens), label, color in zip(axes, rows, labels, colors):
+        for ax_b, (_, _, probs, tokens), label, color in zip(axes, rows, short, colors):
             _hbars(ax_b, tokens, [float(p) for p in probs], color, xmax)
-            if n > 1:
-                ax_b.set_title(label, fontsize=_FONT, color=color)
+            ax_b.set_box_aspect((0.24 * len(tokens) + 0.1) / 2.6)
+            ax_b.set_title(label if n > 1 else bars_title, fontsize=_FONT, color=color if n > 1 else "black")
 
     return width, height, draw
 
@@ -441,8 +502,9 @@ def _softmax(logits: Any) -> Any:
 def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
           get: Callable[[Result], tuple[list[str], list[float | None], list[float | None], float, float]]) -> Plan:
     panels = [get(r) for r in results]
+    ks = [_top_k_sizes(r) for r in results]
     longest = max((len(t) for p in panels for t in p[0]), default=6)
-    panel_w = 3.6 + 0.075 * longest
+    panel_w = max(5.0, 3.6 + 0.075 * longest)
     cols, rows = _grid(len(panels), panel_w, max_w=16.0, max_cols=3)
     tallest = max(len(p[0]) for p in panels)
     panel_h = 0.42 * tallest + (1.05 if len(panels) > 1 else 0.8)
@@ -460,12 +522,13 @@ def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
                 ax.set_axis_off()
                 continue
             tokens, a, b, floor_a, floor_b = panels[i]
+            k_a, k_b = ks[i]
             y = np.arange(len(tokens))
             hh = 0.38
-            for offset, values, color, floor in ((-hh / 2, a, base, floor_a), (hh / 2, b, alt, floor_b)):
+            for offset, values, color, floor, k in ((-hh / 2, a, base, floor_a, k_a), (hh / 2, b, alt, floor_b, k_b)):
                 for yy, v in zip(y, values):
                     if v is None:
-                        ax.text(xmax * 0.01, yy + offset, f"< {floor:.3f} (not in top-k)", va="center",
+                        ax.text(xmax * 0.01, yy + offset, f"not in its top {k} (< {floor:.3f})", va="center",
                                 fontsize=_FONT - 2.5, color="0.45", style="italic")
                         continue
                     ax.barh(yy + offset, v, height=hh, color=color)
@@ -473,23 +536,32 @@ def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
             ax.set_yticks(y, tokens, fontsize=_FONT)
             ax.set_ylim(len(tokens) - 0.5, -0.5)
             ax.set_xlim(0, xmax * 1.25)
-            ax.set_xlabel("next-token probability", fontsize=_FONT - 0.5)
+            xlabel = "next-token probability"
+            if max(k_a, k_b) > _MAX_RANKS // 2:
+                xlabel += f"\n(tokens: each run's first {_MAX_RANKS // 2} of its top {max(k_a, k_b)})"
+            ax.set_xlabel(xlabel, fontsize=_FONT - 0.5)
             ax.tick_params(axis="x", labelsize=_FONT - 1)
             ax.tick_params(axis="y", length=0)
             for side in ("top", "right"):
                 ax.spines[side].set_visible(False)
             if len(panels) > 1:
                 ax.set_title(labels[i], fontsize=_FONT)
-        fig.legend(handles=[Patch(color=base, label=names[0]), Patch(color=alt, label=names[1])],
-                   loc="outside lower center", ncols=2, fontsize=_FONT, frameon=False)
+        _bottom_legend(fig, handles=[Patch(color=base, label=names[0]), Patch(color=alt, label=names[1])], ncols=2)
 
     return width, height, draw
+
+
+def _top_k_sizes(r: Result) -> tuple[int, int]:
+    exp = r.job.get("experiment")
+    first, second = ("top_ids", "steered_top_ids") if exp == "steering" else ("top_ids_before", "top_ids_after")
+    return int(_array(_field(r, first)).size), int(_array(_field(r, second)).size)
 
 
 def _union(ids_a: Sequence[int], toks_a: Sequence[str], ids_b: Sequence[int], toks_b: Sequence[str]) -> tuple[list[int], dict[int, str]]:
     order: list[int] = []
     names: dict[int, str] = {}
-    for i, t in [*zip(ids_a, toks_a), *zip(ids_b, toks_b)]:
+    cap = _MAX_RANKS // 2
+    for i, t in [*zip(ids_a[:cap], toks_a[:cap]), *zip(ids_b[:cap], toks_b[:cap])]:
         if i not in names:
             order.append(i)
             names[i] = t
@@ -502,6 +574,7 @@ def _steering_panel(r: Result) -> tuple[list[str], list[float | None], list[floa
     pa = [float(x) for x in _array(_field(r, "top_probs")).reshape(-1)]
     pb = [float(x) for x in _array(_field(r, "steered_top_probs")).reshape(-1)]
     order, names = _union(ids_a, _field(r, "top_tokens"), ids_b, _field(r, "steered_top_tokens"))
+    # Probabilities from the full lists: a token is "not in its top k" only when it truly is not.
     a = dict(zip(ids_a, pa))
     b = dict(zip(ids_b, pb))
     order.sort(key=lambda i: -max(a.get(i, 0.0), b.get(i, 0.0)))
@@ -528,55 +601,91 @@ def _cross_prompt_panel(r: Result) -> tuple[list[str], list[float | None], list[
 
 # -- generation --------------------------------------------------------------------------------
 
-_WRAP = 96
+_WRAP = 96  # characters per line of the text panel
 _MAX_LINES = 48
+_MONO_ADVANCE = 0.602  # DejaVu Sans Mono: every glyph is 0.602 em wide
 
 
-def _wrap(text: str, width: int = _WRAP) -> list[str]:
-    lines: list[str] = []
-    for para in text.replace("\r\n", "\n").split("\n"):
-        wrapped = textwrap.wrap(para.replace("\t", "    "), width=width, replace_whitespace=False,
-                                drop_whitespace=True, break_long_words=True, break_on_hyphens=False)
-        lines.extend(wrapped or [""])
-    if len(lines) > _MAX_LINES:
-        cut = len(lines) - _MAX_LINES + 1
-        lines = lines[: _MAX_LINES - 1] + [f"… ({cut} more lines)"]
-    return [_escape_math(line) for line in lines]
+def _wrap_spans(text: str, width: int = _WRAP) -> list[tuple[int, int]]:
+    """Greedy word wrap as (start, end) spans of `text`, so a span can be split at any index."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for para in text.split("\n"):
+        i, n = 0, len(para)
+        if n == 0:
+            spans.append((pos, pos))
+        while i < n:
+            if n - i <= width:
+                spans.append((pos + i, pos + n))
+                break
+            cut = para.rfind(" ", i + 1, i + width + 1)
+            if cut <= i:  # one word longer than the line: break it
+                spans.append((pos + i, pos + i + width))
+                i += width
+            else:  # the space at the break is dropped
+                spans.append((pos + i, pos + cut))
+                i = cut + 1
+        pos += n + 1
+    return spans
+
+
+def _shorten_line(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
     blocks = []
-    for r in results:
-        prompt = str(r.job.get("params", {}).get("prompt", ""))
-        text = str(_field(r, "text"))
+    others = job_labels(results, exclude=("prompt",)) if len(results) > 1 else [""]
+    for r, other in zip(results, others):
+        prompt = str(r.job.get("params", {}).get("prompt", "")).replace("\r\n", "\n").replace("\t", "    ")
+        text = str(_field(r, "text")).replace("\r\n", "\n").replace("\t", "    ")
         n_tokens = int(_array(_field(r, "token_ids")).size)
-        blocks.append((_wrap(prompt), _wrap(text), n_tokens))
-    line_h = _FONT * 1.45 / 72  # inches per line
-    heads = 2 * 0.26
-    heights = [(len(p) + len(g)) * line_h + heads + 0.3 + (0.25 if len(results) > 1 else 0) for p, g, _ in blocks]
-    width = _WRAP * _FONT * 0.602 / 72 + 0.6
-    height = sum(heights) + 0.3
+        combined = prompt + text
+        spans = _wrap_spans(combined)
+        more = 0
+        if len(spans) > _MAX_LINES:
+            more = len(spans) - (_MAX_LINES - 1)
+            spans = spans[: _MAX_LINES - 1]
+        head = f"job {r.job.get('id')}" + (f"   {other}" if other and not other.startswith("job ") else "")
+        blocks.append((combined, len(prompt), spans, more, n_tokens, _shorten_line(head, 70) if len(results) > 1 else ""))
+    line_h = _FONT * 1.5 / 72  # inches per line
+    heights = [0.27 + (len(b[2]) + (1 if b[3] else 0)) * line_h + 0.12 for b in blocks]
+    width = _WRAP * _FONT * _MONO_ADVANCE / 72 + 0.5
+    height = sum(heights)
 
     def draw(fig: Any) -> None:
+        from matplotlib import rcParams
+
         axes = fig.subplots(len(blocks), 1, squeeze=False, height_ratios=heights)[:, 0]
-        for ax, (prompt, gen, n_tokens), label in zip(axes, blocks, labels):
+        mono = list(rcParams["font.monospace"])  # with any fallback fonts for other scripts
+        for ax, (combined, boundary, spans, more, n_tokens, head) in zip(axes, blocks, strict=True):
             ax.set_axis_off()
-            if len(blocks) > 1:
-                ax.set_title(label, fontsize=_FONT + 0.5, loc="left")
-            y = 0.0  # points below the top of the panel
 
-            def put(text: str, y: float, **kw: Any) -> None:
-                ax.annotate(text, xy=(0, 1), xycoords="axes fraction", xytext=(0, -y), textcoords="offset points",
-                            va="top", ha="left", annotation_clip=False, **kw)
+            def put(text: str, x: float, y: float, escape: bool = True, **kw: Any) -> Any:
+                return ax.annotate(_escape_math(text) if escape else text, xy=(0, 1), xycoords="axes fraction",
+                                   xytext=(x, -y), textcoords="offset points", va="top", ha="left",
+                                   annotation_clip=False, **kw)
 
-            put("prompt", y, fontsize=_FONT - 0.5, color="0.4", weight="bold")
-            y += 0.26 * 72
-            put("\n".join(prompt), y, fontsize=_FONT, family="monospace", color="0.35", linespacing=1.45 / 1.2)
-            y += len(prompt) * line_h * 72 + 0.15 * 72
-            put(f"generated ({n_tokens} token{'s' if n_tokens != 1 else ''})", y, fontsize=_FONT - 0.5,
-                color="tab:blue", weight="bold")
-            y += 0.26 * 72
-            put("\n".join(gen), y, fontsize=_FONT, family="monospace", color="black", linespacing=1.45 / 1.2)
+            key = f"prompt (grey) + {n_tokens} generated token{'s' if n_tokens != 1 else ''} (black)"
+            if head:
+                title = put(head, 0, 0, escape=False, fontsize=_FONT - 0.5, color="0.2", weight="bold")
+                ax.annotate("   ·   " + key, xy=(1, 0), xycoords=title, va="bottom", ha="left",
+                            fontsize=_FONT - 0.5, color="0.4", annotation_clip=False)
+            else:
+                put(key, 0, 0, fontsize=_FONT - 0.5, color="0.4")
+            y = 0.27 * 72
+            for start, stop in spans:
+                cut = min(max(boundary, start), stop)
+                # The line is drawn whole (so its glyphs sit where the font puts them) and the
+                # prompt's part drawn over it in grey: no seam where the colours meet.
+                text = combined[start:stop]
+                put(text, 0, y, fontsize=_FONT, family=mono, color="black")
+                if cut > start:
+                    put(combined[start:cut], 0, y, fontsize=_FONT, family=mono, color="0.55",
+                        bbox=dict(boxstyle="square,pad=0", facecolor="white", edgecolor="none"))
+                y += line_h * 72
+            if more:
+                put(f"… ({more} more lines)", 0, y, fontsize=_FONT - 0.5, color="0.4", style="italic")
 
     return width, height, draw
 
@@ -588,7 +697,9 @@ _DRAW: dict[str, Callable[[Sequence[Any], list[str]], Plan]] = {
     "patching": _patching,
     "activations": _activations,
     "steering": lambda rs, ls: _pair(rs, ls, ("without the vector", "with the steering vector"), _steering_panel),
-    "cross-prompt": lambda rs, ls: _pair(rs, ls, ("target prompt as is", "patched from the source prompt"), _cross_prompt_panel),
+    "cross-prompt": lambda rs, ls: _pair(
+        rs, ls, ("target prompt, unpatched", "target with the source prompt's layer output copied in"), _cross_prompt_panel
+    ),
     "generate": _generate,
 }
 
@@ -645,13 +756,19 @@ def plot_results(results: Sequence[Result], out: Path | str, title: str | None =
     width, height, draw = _DRAW[exp](results, labels)
     heading = _heading(results, title, width)
     title_h = (heading.count("\n") + 1) * _TITLE_FONT * 1.35 / 72 + 0.15
-    footer_h = 0.25
-    with matplotlib.rc_context({"font.size": _FONT, "axes.titlesize": _FONT + 0.5, "savefig.dpi": _DPI}), warnings.catch_warnings():
+    fallbacks = _fallback_fonts()
+    rc = {
+        "font.size": _FONT,
+        "axes.titlesize": _FONT + 0.5,
+        "font.family": ["DejaVu Sans", *fallbacks],
+        "font.monospace": ["DejaVu Sans Mono", *fallbacks],
+        "savefig.dpi": _DPI,
+    }
+    with matplotlib.rc_context(rc), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig = Figure(figsize=(width, height + title_h + footer_h), layout="constrained")
+        fig = Figure(figsize=(width, height + title_h), layout="constrained")
         draw(fig)
         fig.suptitle(heading, fontsize=_TITLE_FONT)
-        fig.supxlabel(_footer(results), fontsize=_FONT - 2, color="0.5", ha="right", x=0.995)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=_DPI)
     return out
