@@ -473,6 +473,90 @@ def experiments_(as_json: bool = typer.Option(False, "--json", help="Print JSON.
             console.print(f"    {p['name']:<18} {p['type']:<22} {default}")
 
 
+# -- the store ------------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    job: str = typer.Argument(..., help="Job id (or a unique prefix, or a cache key)."),
+    fmt: str = typer.Option("npz", "--format", "-f", help="npz, pt, safetensors or json."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (or a folder: JOB.FORMAT in it)."),
+) -> None:
+    """Write a job's result for other tools."""
+    from .housekeeping import EXPORT_FORMATS, export as export_result
+
+    if fmt not in EXPORT_FORMATS:
+        raise BadInput(f"unknown export format {fmt!r} (choose from: {', '.join(EXPORT_FORMATS)})")
+    service = _service()
+    path = export_result(service.load_result(job, verify=True), fmt, out)
+    print(path)
+
+
+@app.command()
+def plot(
+    jobs: list[str] = typer.Argument(..., help="Job ids of one experiment (several overlay or tile)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: derived from the jobs)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+) -> None:
+    """Draw the figure for one or more results (logit-lens heatmap, patching sweep, ...)."""
+    from .plots import default_plot_name, plot_results
+
+    service = _service()
+    loaded = [service.load_result(j) for j in jobs]
+    if out is not None and not out.parent.exists():
+        raise BadInput(f"cannot write {out}: folder {out.parent} does not exist")
+    try:
+        path = plot_results(loaded, out or Path(default_plot_name(loaded)), title=title)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    print(path)
+
+
+@app.command("verify")
+def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Re-check every stored result's checksums; exit 1 if any is corrupt or missing."""
+    from .housekeeping import verify as run_verify
+
+    service = _service()
+    report = run_verify(service)
+    if as_json:
+        _print_json({"checked": report.checked, "ok": report.ok, "problems": report.problems})
+    else:
+        console = _console()
+        for problem in report.problems:
+            console.print(f"[red]{problem['problem']}[/] {problem['key'][:12]}  jobs {' '.join(problem['jobs'])}: {problem['detail']}")
+        console.print(f"checked {report.checked} results: {report.ok} ok, {len(report.problems)} bad")
+        if report.problems:
+            ids = " ".join(j for p in report.problems for j in p["jobs"])
+            console.print(f"run them again with: ndif-jobs retry {ids}")
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    older_than: Optional[float] = typer.Option(None, "--older-than", min=0, help="Remove results older than DAYS."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove oldest results until the store is under SIZE (e.g. 20GiB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Remove stored results by age or size, never one that a queued or running job needs."""
+    from .housekeeping import parse_size, plan_gc, run_gc
+
+    limit = parse_size(max_size) if max_size is not None else None
+    service = _service()
+    plan = plan_gc(service, older_than, limit)
+    freed = plan.freed if dry_run else run_gc(service, plan)
+    doc = {"removed": len(plan.remove), "freed_bytes": freed, "dry_run": dry_run,
+           "kept_in_use": plan.kept_in_use, "keys": [k for k, _, _ in plan.remove]}
+    if as_json:
+        _print_json(doc)
+        return
+    verb = "would free" if dry_run else "freed"
+    _console().print(f"{'would remove' if dry_run else 'removed'} {len(plan.remove)} results, {verb} {_bytes(freed)}"
+                     + (f"; kept {plan.kept_in_use} that queued or running jobs need" if plan.kept_in_use else ""))
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the schema migrations (also done automatically on first open)."""
@@ -489,7 +573,9 @@ def db_upgrade() -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NdifJobsError as exc:
         from .logging import scrub
 

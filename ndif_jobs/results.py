@@ -295,7 +295,12 @@ class ResultStore:
         """
         final = self.path_for(key)
         if (final / MANIFEST_FILE).exists():
-            return self._size(final)
+            try:
+                self.check(key, full=True)
+                return self._size(final)
+            except ResultCorrupt:
+                # A damaged copy is moved aside (kept for inspection), and the new one stored.
+                os.rename(final, self.root / f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}")
         structure, tensors = flatten(result)
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"

@@ -144,7 +144,12 @@ class Queue:
             chunk = keys_list[start : start + 500]
             result = conn.execute(
                 select(jobs.c.id, jobs.c.key, jobs.c.state, jobs.c.result_key).where(
-                    jobs.c.key.in_(chunk), jobs.c.state.in_(list(ACTIVE_VALUES | DONE_VALUES))
+                    jobs.c.key.in_(chunk),
+                    or_(
+                        jobs.c.state.in_(list(ACTIVE_VALUES)),
+                        # A done job whose result was removed (gc) no longer stands for its key.
+                        and_(jobs.c.state.in_(list(DONE_VALUES)), jobs.c.result_key.is_not(None)),
+                    ),
                 )
             )
             for row in result:
