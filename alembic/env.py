@@ -9,10 +9,10 @@ lock, so two processes opening a new database at once cannot both migrate it. Ru
 from alembic import context
 from sqlalchemy import create_engine
 
-from ndif_jobs.db.models import Base
+from ndif_jobs.db.tables import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run_migrations() -> None:

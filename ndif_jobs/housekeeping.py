@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from .db.engine import write_transaction
-from .db.models import JobState, now
+from .db.tables import JobState, now
 from .db.queue import ACTIVE_VALUES, jobs
 from .errors import BadInput, ResultCorrupt, ResultMissing
 from .results import flatten

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from . import experiments
+from typing import TYPE_CHECKING
+
 from .db.engine import open_database
 from .db.queue import Enqueued, NewJob, Queue
 from .errors import BadInput, OfflineMiss, ResultMissing
-from .keys import cache_key
-from .models import ModelRef, resolve_model
 from .results import ResultStore
 from .settings import Settings, ensure_private_dir, get_settings
+
+if TYPE_CHECKING:
+    from .models import ModelRef
 
 
 @dataclass
@@ -41,13 +43,16 @@ class Prepared:
     """A validated submission with its cache key, ready to be queued."""
 
     new_job: NewJob
-    ref: ModelRef
+    ref: "ModelRef"
 
 
 class Service:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        experiments.import_user_modules(self.settings.import_modules)
+        if self.settings.import_modules:
+            from . import experiments
+
+            experiments.import_user_modules(self.settings.import_modules)
 
     @cached_property
     def queue(self) -> Queue:
@@ -63,6 +68,10 @@ class Service:
 
     def prepare(self, sub: Submission) -> Prepared:
         """Validate one submission completely (no database write). Raises `BadInput`."""
+        from . import experiments
+        from .keys import cache_key
+        from .models import resolve_model
+
         exp = experiments.get(sub.experiment)
         if not isinstance(sub.params, Mapping):
             raise BadInput("params must be a JSON object of name: value")

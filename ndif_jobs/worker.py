@@ -28,7 +28,7 @@ from typing import Any
 
 from . import experiments
 from .backends import JobOutcome, JobSpec, get_backend
-from .db.models import JobState
+from .db.tables import JobState
 from .errors import NdifJobsError
 from .logging import get_logger, scrub
 from .models import model_from_key

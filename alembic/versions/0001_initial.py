@@ -60,7 +60,8 @@ def upgrade() -> None:
         sa.Column("estimated_bytes", sa.Integer),
     )
     op.create_index("ix_jobs_key", "jobs", ["key"])
-    op.create_index("ix_jobs_claim", "jobs", ["state", "priority", "created_at"])
+    op.create_index("ix_jobs_claim", "jobs", ["state", sa.text("priority DESC"), "created_at"])
+    op.create_index("ix_jobs_lease", "jobs", ["state", "lease_expires_at"])
     op.create_index("ix_jobs_created", "jobs", ["created_at"])
     op.create_table(
         "attempts",

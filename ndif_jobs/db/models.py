@@ -1,123 +1,87 @@
-"""The queue's tables: jobs, bundles (one request to a backend) and attempts.
+"""Typed ORM classes for the queue's tables (jobs, bundles, attempts).
 
-The schema is made and changed only by the alembic migrations under `alembic/versions`; these
-classes describe it for SQLAlchemy and must match the latest migration (a test checks that).
-Times are stored as UTC floats (epoch seconds): cheap to compare in SQL on every database, and
-free of time-zone surprises.
+They map onto the Core tables of `tables.py`, which the queue operations use directly; these
+classes serve code that wants rows as objects (scripts, notebooks, tests) and give alembic its
+metadata. The states live in `tables.py` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
-import time
+from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    CLAIMED = "claimed"
-    SUBMITTED = "submitted"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    CACHED = "cached"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset({JobState.COMPLETED, JobState.CACHED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.CLAIMED, JobState.SUBMITTED, JobState.RUNNING})
-DONE_STATES = frozenset({JobState.COMPLETED, JobState.CACHED})
-
-
-class BundleState(str, enum.Enum):
-    RUNNING = "running"
-    SUBMITTED = "submitted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
-
-
-def now() -> float:
-    return time.time()
+from . import tables
+from .tables import (  # noqa: F401 - re-exported
+    ACTIVE_STATES,
+    DONE_STATES,
+    FINAL_STATES,
+    BundleState,
+    JobState,
+    now,
+)
 
 
 class Base(DeclarativeBase):
-    pass
+    metadata = tables.metadata
 
 
 class Job(Base):
-    __tablename__ = "jobs"
+    __table__ = tables.jobs
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key: Mapped[str] = mapped_column(String(64), index=True)
-    experiment: Mapped[str] = mapped_column(String(200))
-    model: Mapped[str] = mapped_column(String(500))
-    model_key: Mapped[str] = mapped_column(String(1000))
-    backend: Mapped[str] = mapped_column(String(20))
-    params: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED.value)
-    priority: Mapped[int] = mapped_column(Integer, default=0)
-    tags: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[float] = mapped_column(Float, default=now)
-    updated_at: Mapped[float] = mapped_column(Float, default=now)
-    started_at: Mapped[float | None] = mapped_column(Float)
-    finished_at: Mapped[float | None] = mapped_column(Float)
-    not_before: Mapped[float] = mapped_column(Float, default=0.0)
-    lease_owner: Mapped[str | None] = mapped_column(String(100))
-    lease_expires_at: Mapped[float | None] = mapped_column(Float)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    error: Mapped[str | None] = mapped_column(Text)
-    bundle_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("bundles.id"))
-    result_key: Mapped[str | None] = mapped_column(String(64))
-    result_bytes: Mapped[int | None] = mapped_column(Integer)
-    estimated_bytes: Mapped[int | None] = mapped_column(Integer)
-
-    __table_args__ = (
-        Index("ix_jobs_claim", "state", "priority", "created_at"),
-        Index("ix_jobs_created", "created_at"),
-    )
-
-    @property
-    def tag_list(self) -> list[str]:
-        return [t for t in self.tags.strip(",").split(",") if t]
+    id: Mapped[str]
+    key: Mapped[str]
+    experiment: Mapped[str]
+    model: Mapped[str]
+    model_key: Mapped[str]
+    backend: Mapped[str]
+    params: Mapped[str]
+    state: Mapped[str]
+    priority: Mapped[int]
+    tags: Mapped[str]
+    created_at: Mapped[float]
+    updated_at: Mapped[float]
+    started_at: Mapped[float | None]
+    finished_at: Mapped[float | None]
+    not_before: Mapped[float]
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[float | None]
+    attempts: Mapped[int]
+    max_attempts: Mapped[int]
+    error: Mapped[str | None]
+    bundle_id: Mapped[str | None]
+    result_key: Mapped[str | None]
+    result_bytes: Mapped[int | None]
+    estimated_bytes: Mapped[int | None]
 
 
 class Bundle(Base):
-    __tablename__ = "bundles"
+    __table__ = tables.bundles
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    backend: Mapped[str] = mapped_column(String(20))
-    model_key: Mapped[str] = mapped_column(String(1000))
-    state: Mapped[str] = mapped_column(String(20), default=BundleState.RUNNING.value)
-    worker: Mapped[str | None] = mapped_column(String(100))
-    remote_job_id: Mapped[str | None] = mapped_column(String(100))
-    status_history: Mapped[str] = mapped_column(Text, default="[]")
-    job_count: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[float] = mapped_column(Float, default=now)
-    submitted_at: Mapped[float | None] = mapped_column(Float)
-    finished_at: Mapped[float | None] = mapped_column(Float)
-    deadline: Mapped[float | None] = mapped_column(Float)
-    payload_bytes: Mapped[int | None] = mapped_column(Integer)
-    result_bytes: Mapped[int | None] = mapped_column(Integer)
-    error: Mapped[str | None] = mapped_column(Text)
+    id: Mapped[str]
+    backend: Mapped[str]
+    model_key: Mapped[str]
+    state: Mapped[str]
+    worker: Mapped[str | None]
+    remote_job_id: Mapped[str | None]
+    status_history: Mapped[str]
+    job_count: Mapped[int]
+    created_at: Mapped[float]
+    submitted_at: Mapped[float | None]
+    finished_at: Mapped[float | None]
+    deadline: Mapped[float | None]
+    payload_bytes: Mapped[int | None]
+    result_bytes: Mapped[int | None]
+    error: Mapped[str | None]
 
 
 class Attempt(Base):
-    __tablename__ = "attempts"
+    __table__ = tables.attempts
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
-    bundle_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("bundles.id"))
-    number: Mapped[int] = mapped_column(Integer)
-    worker: Mapped[str | None] = mapped_column(String(100))
-    started_at: Mapped[float] = mapped_column(Float, default=now)
-    finished_at: Mapped[float | None] = mapped_column(Float)
-    outcome: Mapped[str | None] = mapped_column(String(20))
-    error: Mapped[str | None] = mapped_column(Text)
+    id: Mapped[int]
+    job_id: Mapped[str]
+    bundle_id: Mapped[str | None]
+    number: Mapped[int]
+    worker: Mapped[str | None]
+    started_at: Mapped[float]
+    finished_at: Mapped[float | None]
+    outcome: Mapped[str | None]
+    error: Mapped[str | None]

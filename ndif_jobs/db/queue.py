@@ -24,11 +24,7 @@ from sqlalchemy import Engine, Row, and_, bindparam, func, insert, or_, select, 
 
 from ..errors import BadInput, JobNotFound
 from .engine import write_transaction
-from .models import ACTIVE_STATES, DONE_STATES, Attempt, Bundle, BundleState, Job, JobState, now
-
-jobs = Job.__table__
-bundles = Bundle.__table__
-attempts = Attempt.__table__
+from .tables import ACTIVE_STATES, DONE_STATES, BundleState, JobState, attempts, bundles, jobs, now
 
 #: States a job is in while some worker holds it.
 HELD_STATES = (JobState.CLAIMED.value, JobState.RUNNING.value)
