@@ -1,0 +1,1 @@
+"""The project's local NDIF harness: `scripts/ndif-local` (see harness.py for the details)."""
