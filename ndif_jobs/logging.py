@@ -72,5 +72,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     )
 
 
+def ensure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """Configure logging unless the application already did (the Python API's default)."""
+    if not structlog.is_configured():
+        configure_logging(level, fmt)
+
+
 def get_logger(name: str = "ndif_jobs") -> Any:
     return structlog.get_logger(name)

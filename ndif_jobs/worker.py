@@ -30,7 +30,7 @@ from . import experiments
 from .backends import JobOutcome, JobSpec, get_backend
 from .db.tables import JobState
 from .errors import NdifJobsError
-from .logging import get_logger, scrub
+from .logging import ensure_logging, get_logger, register_secret, scrub
 from .models import model_from_key
 from .service import Service
 
@@ -85,6 +85,9 @@ class Worker:
     ) -> None:
         self.service = service
         self.settings = service.settings
+        ensure_logging(self.settings.log_level, self.settings.log_format)
+        if self.settings.ndif_api_key is not None:
+            register_secret(self.settings.ndif_api_key.get_secret_value())
         self.backend_filter = backend
         self.max_bundle = max_bundle or self.settings.max_bundle
         self.id = worker_id()
