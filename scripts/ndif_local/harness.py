@@ -636,8 +636,11 @@ def start_ray(L: Layout, env: dict[str, str], timeout: float, gpu: bool, cpus: i
     def ray_up() -> bool:
         if not pid_alive(pid) or not tcp_open(L.ports["ray_client"]):
             return False
-        return subprocess.run([L.bin("ray"), "status", f"--address={gcs}"], capture_output=True,
-                              env=env, timeout=60).returncode == 0
+        try:
+            return subprocess.run([L.bin("ray"), "status", f"--address={gcs}"], capture_output=True,
+                                  env=env, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     wait_until("ray head", ray_up, timeout, pid, L.logs / "ray.log", interval=1.0)
 
@@ -670,6 +673,8 @@ def start_api(L: Layout, env: dict[str, str], timeout: float) -> None:
     aenv = {**env, "NDIF_SERVICE": "api"}
     argv = [L.bin("gunicorn"), "--config", "python:ndif.services.api.gunicorn_conf",
             "--bind", f"127.0.0.1:{L.ports['api']}", "--access-logfile", str(L.access_log),
+            # gunicorn 23+ opens a control socket at one fixed path in $HOME, shared by every stack
+            "--no-control-socket",
             "ndif.services.api.app:app"]
     pid = spawn(L, "api", argv, aenv)
     wait_until("api /connected", lambda: http_get(L.api_url + "/connected", 3)[0] == 200, timeout, pid,
@@ -746,8 +751,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     started_here: list[str] = []
     try:
         if not running["redis"]:
+            started_here.append("redis")  # before it is up: a failed start stops it too
             start_redis(L, env, args.timeout)
-            started_here.append("redis")
             if running["api"]:
                 # The API's "Ray connected" flag and its queue live in Redis: a fresh Redis
                 # leaves a running API answering 503 for good, so it is restarted too.
@@ -755,17 +760,17 @@ def cmd_start(args: argparse.Namespace) -> int:
                 stop_services(L, ["api"], grace=args.grace)
                 running["api"] = None
         if not running["s3"]:
+            started_here.append("s3")  # before it is up: a failed start stops it too
             start_s3(L, env, args.timeout)
-            started_here.append("s3")
         if not running["ray"]:
+            started_here.append("ray")  # before it is up: a failed start stops it too
             start_ray(L, env, args.timeout, gpu, args.cpus)
-            started_here.append("ray")
         ray_pid = str(L.running_pid("ray"))
         launcher = launch_controller(L, env) if markers.get("controller") != ray_pid else None
         try:
             if not running["api"]:
-                start_api(L, env, args.timeout)
                 started_here.append("api")
+                start_api(L, env, args.timeout)
         except BaseException:
             if launcher is not None and launcher.poll() is None:
                 terminate(process_tree(launcher.pid), 2)
