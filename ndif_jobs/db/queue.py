@@ -1,10 +1,17 @@
 """Queue operations: every read and write of the jobs, bundles and attempts tables.
 
 One `Queue` wraps one database. Writes are short transactions that hold the write lock from
-their first statement (`write_transaction`); the claim is one such transaction, so two workers
-can never take the same job (on PostgreSQL the claim uses `FOR UPDATE SKIP LOCKED` so workers
-do not even wait for each other). Everything is SQLAlchemy Core: the worker's hot path does a
-few statements per bundle, not per job.
+their first statement (`Database.cursor(write=True)`: `BEGIN IMMEDIATE` on SQLite); the claim
+is one such transaction, so two workers can never take the same job (on PostgreSQL the claim
+uses `FOR UPDATE SKIP LOCKED` so workers do not even wait for each other).
+
+The statements are written out below and run straight on the driver's cursor, a few per
+transaction, each over a whole batch (`executemany`, or one `UPDATE ... RETURNING`): building
+and compiling SQLAlchemy statements cost more than SQLite took to run them, and importing
+SQLAlchemy alone costs the CLI's read commands a tenth of a second. They are plain SQL that
+SQLite and PostgreSQL both read, with `?` placeholders (`%s` for PostgreSQL, swapped once) and
+two dialect differences: `FOR UPDATE SKIP LOCKED`, and `= ANY(array)` for a list of ids. The
+schema itself is `tables.py` and the alembic migrations; the column lists here follow it.
 
 A job's life (see `JobState`): queued -> claimed -> running -> completed, or failed after its
 attempts are spent, or back to queued with a `not_before` time to retry. Finishing a job is
@@ -16,18 +23,43 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
+from collections import namedtuple
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Row, and_, bindparam, func, insert, or_, select, update
+from ..errors import BadInput, JobNotFound, StoreError
+from .engine import Database
 
-from ..errors import BadInput, JobNotFound
-from .engine import write_transaction
-from .tables import ACTIVE_STATES, DONE_STATES, BundleState, JobState, attempts, bundles, jobs, now
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
+# The states as stored (`tables.JobState` holds the same values; importing it would import
+# SQLAlchemy). In `JobState`'s order, which `counts` keeps.
+QUEUED, CLAIMED, SUBMITTED, RUNNING = "queued", "claimed", "submitted", "running"
+COMPLETED, CACHED, FAILED, CANCELLED = "completed", "cached", "failed", "cancelled"
+JOB_STATES = (QUEUED, CLAIMED, SUBMITTED, RUNNING, COMPLETED, CACHED, FAILED, CANCELLED)
+ACTIVE_VALUES = frozenset({QUEUED, CLAIMED, SUBMITTED, RUNNING})
+DONE_VALUES = frozenset({COMPLETED, CACHED})
 #: States a job is in while some worker holds it.
-HELD_STATES = (JobState.CLAIMED.value, JobState.RUNNING.value)
+HELD_STATES = (CLAIMED, RUNNING)
+
+#: The columns of each table, in `tables.py`'s order (checked when `tables` is loaded).
+JOB_COLUMNS = (
+    "id", "key", "experiment", "model", "model_key", "backend", "params", "state", "priority", "tags",
+    "created_at", "updated_at", "started_at", "finished_at", "not_before", "lease_owner", "lease_expires_at",
+    "attempts", "max_attempts", "error", "bundle_id", "result_key", "result_bytes", "estimated_bytes",
+)
+BUNDLE_COLUMNS = (
+    "id", "backend", "model_key", "state", "worker", "remote_job_id", "status_history", "job_count",
+    "created_at", "submitted_at", "finished_at", "deadline", "payload_bytes", "result_bytes", "error",
+)
+ATTEMPT_COLUMNS = ("id", "job_id", "bundle_id", "number", "worker", "started_at", "finished_at", "outcome", "error")
+
+
+def now() -> float:
+    return time.time()
 
 
 def new_id() -> str:
@@ -37,6 +69,8 @@ def new_id() -> str:
 
 def encode_tags(tags: Iterable[str]) -> str:
     """Tags stored as `,a,b,` so that one `LIKE '%,a,%'` finds a tag exactly."""
+    if not tags:
+        return ""
     clean = sorted({t.strip() for t in tags if t.strip()})
     for tag in clean:
         if "," in tag or "%" in tag or "_" in tag:
@@ -71,10 +105,193 @@ class Enqueued:
     joined: bool = False
 
 
+# -- rows ------------------------------------------------------------------------------------
+
+
+class _Row:
+    """What SQLAlchemy's `Row` offers beyond a named tuple, for code written against it."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...]
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self._fields, self))
+
+    @property
+    def _t(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+    def _tuple(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+
+class JobRow(_Row, namedtuple("JobRow", JOB_COLUMNS)):  # type: ignore[misc]
+    """A row of `jobs`: fields by name (`row.state`) or position, and `row._mapping`."""
+
+    __slots__ = ()
+
+
+class BundleRow(_Row, namedtuple("BundleRow", BUNDLE_COLUMNS)):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class AttemptRow(_Row, namedtuple("AttemptRow", ATTEMPT_COLUMNS)):  # type: ignore[misc]
+    __slots__ = ()
+
+
+_job_row = JobRow._make
+_EXISTING = namedtuple("_EXISTING", ("id", "key", "state", "result_key"))
+
+# -- the statements --------------------------------------------------------------------------
+
+
+def _q(names: Iterable[str]) -> str:
+    return ", ".join(f'"{n}"' if n == "key" else n for n in names)
+
+
+_JOBS = _q(JOB_COLUMNS)
+_HELD = f"state IN ('{CLAIMED}', '{RUNNING}')"
+_ACTIVE_SQL = ", ".join(f"'{s}'" for s in (QUEUED, CLAIMED, SUBMITTED, RUNNING))
+_DONE_SQL = f"'{COMPLETED}', '{CACHED}'"
+
+_INSERT_COLUMNS = (
+    "id", "key", "experiment", "model", "model_key", "backend", "params", "state", "priority", "tags",
+    "created_at", "updated_at", "finished_at", "not_before", "attempts", "max_attempts", "result_key",
+    "estimated_bytes",
+)
+INSERT_JOB = f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
+# Every job of the given keys; `_existing_by_key` keeps those that stand for their key. (Filtering
+# on state in SQL tempts SQLite's planner into scanning `ix_jobs_lease` by state instead.)
+EXISTING_BY_KEY = 'SELECT id, "key", state, result_key FROM jobs WHERE "key" {keys}'
+REQUEUE_EXPIRED = (
+    f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+    f" WHERE {_HELD} AND lease_expires_at < ?"
+)
+# One statement takes the jobs and returns them: highest priority, then oldest, first.
+CLAIM = (
+    f"UPDATE jobs SET state = '{CLAIMED}', lease_owner = ?, lease_expires_at = ?, attempts = attempts + 1,"
+    " updated_at = ?, started_at = COALESCE(started_at, ?), error = NULL"
+    f" WHERE id IN (SELECT id FROM jobs WHERE state = '{QUEUED}' AND not_before <= ?{{backend}}"
+    f" ORDER BY priority DESC, created_at LIMIT ?{{skip_locked}}) RETURNING {_JOBS}"
+)
+INSERT_ATTEMPT = "INSERT INTO attempts (job_id, number, worker, started_at) VALUES (?, ?, ?, ?)"
+COMPLETE = (
+    f"UPDATE jobs SET state = '{COMPLETED}', result_key = ?, result_bytes = ?, finished_at = ?, updated_at = ?,"
+    f" lease_owner = NULL, lease_expires_at = NULL, error = NULL WHERE id = ? AND lease_owner = ? AND {_HELD}"
+)
+CLOSE_ATTEMPTS = (
+    "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND finished_at IS NULL"
+)
+HELD_ATTEMPTS = f"SELECT attempts, max_attempts FROM jobs WHERE id = ? AND lease_owner = ? AND {_HELD}"
+RETRY_LATER = (
+    f"UPDATE jobs SET state = '{QUEUED}', not_before = ?, error = ?, updated_at = ?, lease_owner = NULL,"
+    " lease_expires_at = NULL WHERE id = ?"
+)
+FAIL = (
+    f"UPDATE jobs SET state = '{FAILED}', finished_at = ?, error = ?, updated_at = ?, lease_owner = NULL,"
+    " lease_expires_at = NULL WHERE id = ?"
+)
+FAIL_HELD = (
+    f"UPDATE jobs SET state = '{FAILED}', error = ?, finished_at = ?, updated_at = ?, lease_owner = NULL,"
+    f" lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND {_HELD}"
+)
+FINISH_BUNDLE = "UPDATE bundles SET state = ?, finished_at = ?, error = ? WHERE id = ?"
+INSERT_BUNDLE = (
+    "INSERT INTO bundles (id, backend, model_key, state, worker, status_history, job_count, created_at)"
+    " VALUES (?, ?, ?, ?, ?, '[]', ?, ?)"
+)
+START_JOBS = f"UPDATE jobs SET state = '{RUNNING}', bundle_id = ?, updated_at = ? WHERE id {{ids}} AND lease_owner = ?"
+START_ATTEMPTS = "UPDATE attempts SET bundle_id = ? WHERE job_id {ids} AND finished_at IS NULL"
+RENEW = f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id {{ids}} AND lease_owner = ? AND {_HELD}"
+RELEASE = (
+    f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL,"
+    f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_HELD}{{ids}}"
+)
+RELEASE_ATTEMPTS = (
+    "UPDATE attempts SET finished_at = ?, outcome = 'released' WHERE job_id IN"
+    f" (SELECT id FROM jobs WHERE state = '{QUEUED}' AND updated_at = ?) AND finished_at IS NULL AND worker = ?"
+)
+STATE_OF = "SELECT state FROM jobs WHERE id = ?"
+CANCEL = (
+    f"UPDATE jobs SET state = '{CANCELLED}', finished_at = ?, updated_at = ?, lease_owner = NULL,"
+    " lease_expires_at = NULL WHERE id = ?"
+)
+REQUEUE = (
+    f"UPDATE jobs SET state = '{QUEUED}', attempts = 0, not_before = 0.0, error = NULL, finished_at = NULL,"
+    " result_key = NULL, result_bytes = NULL, bundle_id = NULL, updated_at = ? WHERE id = ?"
+)
+COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
+JOB_BY_ID = f"SELECT {_JOBS} FROM jobs WHERE id = ?"
+JOB_BY_KEY = (
+    f'SELECT {_JOBS} FROM jobs WHERE "key" = ? ORDER BY state IN ({_DONE_SQL}) DESC, created_at DESC LIMIT 1'
+)
+# Ids are lowercase hex, so the ids starting with PREFIX are those in [PREFIX, PREFIX + "g").
+JOBS_BY_PREFIX = f"SELECT {_JOBS} FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2"
+JOBS_BY_IDS = f"SELECT {_JOBS} FROM jobs WHERE id {{ids}}"
+DONE_BY_KEY = (
+    f'SELECT {_JOBS} FROM jobs WHERE "key" = ? AND state IN ({_DONE_SQL}) AND result_key IS NOT NULL'
+    " ORDER BY finished_at DESC LIMIT 1"
+)
+ATTEMPTS_OF = f"SELECT {_q(ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = ? ORDER BY number"
+BUNDLE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE id = ?"
+PENDING = f"SELECT count(*) FROM jobs WHERE state IN ('{QUEUED}', '{CLAIMED}', '{RUNNING}')"
+STORED_BYTES = (
+    "SELECT COALESCE(SUM(size), 0) FROM (SELECT result_key, MAX(result_bytes) AS size FROM jobs"
+    " WHERE result_key IS NOT NULL AND result_bytes IS NOT NULL GROUP BY result_key) AS per_key"
+)
+RESULT_KEYS = "SELECT result_key, state FROM jobs WHERE result_key IS NOT NULL"
+
+#: Most values bound in one `IN (...)` on SQLite (its limit is 32766; smaller lists plan faster).
+_CHUNK = 500
+
+
+class _Sql:
+    """The statements for one dialect: placeholders, and the few spellings that differ."""
+
+    def __init__(self, dialect: str) -> None:
+        if dialect not in ("sqlite", "postgresql"):
+            raise StoreError(f"ndif-jobs keeps its queue in SQLite or PostgreSQL, not {dialect}")
+        self.pg = dialect == "postgresql"
+        self._cache: dict[str, str] = {}
+        self.skip_locked = " FOR UPDATE SKIP LOCKED" if self.pg else ""
+        self.max = "GREATEST" if self.pg else "MAX"
+        self.chunk = 5000 if self.pg else _CHUNK
+
+    def __call__(self, sql: str, **parts: str) -> str:
+        """`sql` with its `{parts}` filled in and its placeholders in the driver's style."""
+        key = sql if not parts else sql + repr(sorted(parts.items()))
+        out = self._cache.get(key)
+        if out is None:
+            out = sql.format(**parts) if parts else sql
+            if self.pg:
+                out = out.replace("?", "%s")
+            self._cache[key] = out
+        return out
+
+    def in_(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """`IN (?, ...)` (SQLite) or `= ANY(?)` (PostgreSQL), and what it binds."""
+        if self.pg:
+            return "= ANY(?)", [list(values)]
+        return f"IN ({', '.join('?' * len(values))})", list(values)
+
+    def chunks(self, values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+        for start in range(0, len(values), self.chunk):
+            yield values[start : start + self.chunk]
+
+
 class Queue:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Database | Engine) -> None:
+        #: What the queue was opened on: a `Database` from `open_database`, or an Engine.
         self.engine = engine
-        self.is_postgres = engine.dialect.name == "postgresql"
+        self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
+        self.is_postgres = self.db.dialect_name == "postgresql"
+        self._sql = _Sql(self.db.dialect_name)
+        self._claim_sql = {
+            by_backend: self._sql(CLAIM, backend=" AND backend = ?" if by_backend else "",
+                                  skip_locked=self._sql.skip_locked)
+            for by_backend in (False, True)
+        }
 
     # -- submitting ------------------------------------------------------------------
 
@@ -88,9 +305,10 @@ class Queue:
             return []
         t = now()
         out: list[Enqueued] = []
-        rows: list[dict[str, Any]] = []
-        with write_transaction(self.engine) as conn:
-            existing = self._existing_by_key(conn, {j.key for j in new_jobs if not j.force})
+        rows: list[tuple[Any, ...]] = []
+        dumps = json.dumps
+        with self.db.cursor(write=True) as cur:
+            existing = self._existing_by_key(cur, {j.key for j in new_jobs if not j.force})
             seen_in_batch: dict[str, Enqueued] = {}
             for i, job in enumerate(new_jobs):
                 created = t + i * 1e-6  # keeps a batch's order in the claim order (oldest first)
@@ -98,57 +316,34 @@ class Queue:
                 if hit is not None and hit.state in ACTIVE_VALUES:
                     out.append(Enqueued(hit.id, hit.state, joined=True))
                     continue
-                state = JobState.QUEUED.value
-                result_key = None
+                state, result_key, finished = QUEUED, None, None
                 if hit is not None and hit.state in DONE_VALUES:
-                    state, result_key = JobState.CACHED.value, hit.result_key
-                rows.append(
-                    {
-                        "id": job.id,
-                        "key": job.key,
-                        "experiment": job.experiment,
-                        "model": job.model,
-                        "model_key": job.model_key,
-                        "backend": job.backend,
-                        "params": json.dumps(job.params, sort_keys=True),
-                        "state": state,
-                        "priority": job.priority,
-                        "tags": encode_tags(job.tags),
-                        "created_at": created,
-                        "updated_at": created,
-                        "finished_at": t if state == JobState.CACHED.value else None,
-                        "not_before": 0.0,
-                        "attempts": 0,
-                        "max_attempts": job.max_attempts,
-                        "result_key": result_key,
-                        "estimated_bytes": job.estimated_bytes,
-                    }
-                )
+                    state, result_key, finished = CACHED, hit.result_key, t
+                rows.append((
+                    job.id, job.key, job.experiment, job.model, job.model_key, job.backend,
+                    dumps(job.params, sort_keys=True), state, job.priority, encode_tags(job.tags),
+                    created, created, finished, 0.0, 0, job.max_attempts, result_key, job.estimated_bytes,
+                ))
                 entry = Enqueued(job.id, state)
                 out.append(entry)
-                if state == JobState.QUEUED.value:
+                if state == QUEUED:
                     seen_in_batch[job.key] = entry
             if rows:
-                conn.execute(insert(jobs), rows)
+                cur.executemany(self._sql(INSERT_JOB), rows)
         return out
 
-    def _existing_by_key(self, conn: Any, keys: set[str]) -> dict[str, Any]:
+    def _existing_by_key(self, cur: Any, keys: set[str]) -> dict[str, Any]:
         """For each key, the job that best stands for it: a done one first, then an active one."""
         found: dict[str, Any] = {}
         keys_list = list(keys)
-        for start in range(0, len(keys_list), 500):
-            chunk = keys_list[start : start + 500]
-            result = conn.execute(
-                select(jobs.c.id, jobs.c.key, jobs.c.state, jobs.c.result_key).where(
-                    jobs.c.key.in_(chunk),
-                    or_(
-                        jobs.c.state.in_(list(ACTIVE_VALUES)),
-                        # A done job whose result was removed (gc) no longer stands for its key.
-                        and_(jobs.c.state.in_(list(DONE_VALUES)), jobs.c.result_key.is_not(None)),
-                    ),
-                )
-            )
-            for row in result:
+        for chunk in self._sql.chunks(keys_list):
+            in_sql, params = self._sql.in_(chunk)
+            cur.execute(self._sql(EXISTING_BY_KEY, keys=in_sql), params)
+            for row in cur.fetchall():
+                row = _EXISTING._make(row)
+                # A live job, or a done one with its result (gc may have removed it since).
+                if row.state not in ACTIVE_VALUES and (row.state not in DONE_VALUES or row.result_key is None):
+                    continue
                 best = found.get(row.key)
                 if best is None or (row.state in DONE_VALUES and best.state not in DONE_VALUES):
                     found[row.key] = row
@@ -156,94 +351,50 @@ class Queue:
 
     # -- claiming and finishing (the worker's side) ---------------------------------------
 
-    def claim(
-        self, worker: str, limit: int, lease_s: float, backend: str | None = None
-    ) -> list[Row[Any]]:
+    def claim(self, worker: str, limit: int, lease_s: float, backend: str | None = None) -> list[JobRow]:
         """Take up to `limit` runnable jobs for `worker`, highest priority and oldest first."""
         t = now()
-        with write_transaction(self.engine) as conn:
-            self._requeue_expired(conn, t)
-            query = (
-                select(jobs.c.id)
-                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= t)
-                .order_by(jobs.c.priority.desc(), jobs.c.created_at)
-                .limit(limit)
-            )
-            if backend is not None:
-                query = query.where(jobs.c.backend == backend)
-            if self.is_postgres:
-                query = query.with_for_update(skip_locked=True)
-            ids = [r[0] for r in conn.execute(query)]
-            if not ids:
+        sql = self._claim_sql[backend is not None]
+        params: tuple[Any, ...] = (worker, t + lease_s, t, t, t)
+        params += (backend, limit) if backend is not None else (limit,)
+        with self.db.cursor(write=True) as cur:
+            self._requeue_expired(cur, t)
+            cur.execute(sql, params)
+            claimed = [_job_row(r) for r in cur.fetchall()]
+            if not claimed:
                 return []
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(ids))
-                .values(
-                    state=JobState.CLAIMED.value,
-                    lease_owner=worker,
-                    lease_expires_at=t + lease_s,
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=t,
-                    started_at=func.coalesce(jobs.c.started_at, t),
-                    error=None,
-                )
-            )
-            claimed = list(conn.execute(select(jobs).where(jobs.c.id.in_(ids))))
-            conn.execute(
-                insert(attempts),
-                [{"job_id": r.id, "number": r.attempts, "worker": worker, "started_at": t} for r in claimed],
-            )
-        order = {job_id: i for i, job_id in enumerate(ids)}
-        claimed.sort(key=lambda r: order[r.id])
+            cur.executemany(self._sql(INSERT_ATTEMPT), [(r.id, r.attempts, worker, t) for r in claimed])
+        claimed.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return claimed
 
-    def _requeue_expired(self, conn: Any, t: float) -> int:
-        """Jobs whose worker stopped renewing its lease go back to the queue."""
-        result = conn.execute(
-            update(jobs)
-            .where(jobs.c.state.in_(HELD_STATES), jobs.c.lease_expires_at < t)
-            .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=t)
-        )
-        return result.rowcount or 0
+    def _requeue_expired(self, cur: Any, t: float) -> int:
+        """Jobs whose worker stopped renewing its lease go back to the queue.
+
+        An index range probe (`ix_jobs_lease`) that touches no row when no lease has run out:
+        about as cheap as checking whether one has."""
+        cur.execute(self._sql(REQUEUE_EXPIRED), (t, t))
+        return max(cur.rowcount, 0)
 
     def renew_leases(self, worker: str, job_ids: Sequence[str], lease_s: float) -> int:
         t = now()
-        with write_transaction(self.engine) as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(list(job_ids)), jobs.c.lease_owner == worker, jobs.c.state.in_(HELD_STATES))
-                .values(lease_expires_at=t + lease_s, updated_at=t)
-            )
-        return result.rowcount or 0
+        n = 0
+        with self.db.cursor(write=True) as cur:
+            for chunk in self._sql.chunks(list(job_ids)):
+                in_sql, ids = self._sql.in_(chunk)
+                cur.execute(self._sql(RENEW, ids=in_sql), [t + lease_s, t, *ids, worker])
+                n += max(cur.rowcount, 0)
+        return n
 
     def start_bundle(self, worker: str, backend: str, model_key: str, job_ids: Sequence[str]) -> str:
         """Record one request to a backend and move its jobs to `running`."""
         bundle_id = new_id()
         t = now()
-        with write_transaction(self.engine) as conn:
-            conn.execute(
-                insert(bundles).values(
-                    id=bundle_id,
-                    backend=backend,
-                    model_key=model_key,
-                    state=BundleState.RUNNING.value,
-                    worker=worker,
-                    status_history="[]",
-                    job_count=len(job_ids),
-                    created_at=t,
-                )
-            )
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(list(job_ids)), jobs.c.lease_owner == worker)
-                .values(state=JobState.RUNNING.value, bundle_id=bundle_id, updated_at=t)
-            )
-            conn.execute(
-                update(attempts)
-                .where(attempts.c.job_id.in_(list(job_ids)), attempts.c.finished_at.is_(None))
-                .values(bundle_id=bundle_id)
-            )
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(INSERT_BUNDLE), (bundle_id, backend, model_key, "running", worker, len(job_ids), t))
+            for chunk in self._sql.chunks(list(job_ids)):
+                in_sql, ids = self._sql.in_(chunk)
+                cur.execute(self._sql(START_JOBS, ids=in_sql), [bundle_id, t, *ids, worker])
+                cur.execute(self._sql(START_ATTEMPTS, ids=in_sql), [bundle_id, *ids])
         return bundle_id
 
     def finish(
@@ -264,114 +415,56 @@ class Queue:
         """
         t = now()
         counts = {"completed": 0, "retried": 0, "failed": 0}
-        # Spelled out with OR: an expanding IN cannot take part in an executemany.
-        held = and_(
-            jobs.c.lease_owner == worker,
-            or_(*(jobs.c.state == state for state in HELD_STATES)),
-        )
-        with write_transaction(self.engine) as conn:
+        sql = self._sql
+        with self.db.cursor(write=True) as cur:
             if completed:
-                result = conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == bindparam("jid"), held)
-                    .values(
-                        state=JobState.COMPLETED.value,
-                        result_key=bindparam("rkey"),
-                        result_bytes=bindparam("rbytes"),
-                        finished_at=t,
-                        updated_at=t,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        error=None,
-                    ),
-                    [{"jid": j, "rkey": k, "rbytes": b} for j, k, b in completed],
-                )
-                counts["completed"] = result.rowcount or 0
-                self._close_attempts(conn, [j for j, _, _ in completed], "completed", None, t)
+                cur.executemany(sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
+                counts["completed"] = max(cur.rowcount, 0)
+                cur.executemany(sql(CLOSE_ATTEMPTS), [(t, "completed", None, j) for j, _, _ in completed])
             for job_id, error in failed:
-                row = conn.execute(
-                    select(jobs.c.attempts, jobs.c.max_attempts).where(jobs.c.id == job_id, held)
-                ).first()
+                cur.execute(sql(HELD_ATTEMPTS), (job_id, worker))
+                row = cur.fetchone()
                 if row is None:
                     continue
-                if row.attempts < row.max_attempts and retry_delay_s >= 0:
-                    values = {"state": JobState.QUEUED.value, "not_before": t + retry_delay_s}
+                if row[0] < row[1] and retry_delay_s >= 0:
+                    cur.execute(sql(RETRY_LATER), (t + retry_delay_s, error, t, job_id))
                     counts["retried"] += 1
                 else:
-                    values = {"state": JobState.FAILED.value, "finished_at": t}
+                    cur.execute(sql(FAIL), (t, error, t, job_id))
                     counts["failed"] += 1
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id)
-                    .values(error=error, updated_at=t, lease_owner=None, lease_expires_at=None, **values)
-                )
-                self._close_attempts(conn, [job_id], "failed", error, t)
+                cur.execute(sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id))
             if bundle_id is not None:
-                state = BundleState.FAILED if bundle_error else BundleState.COMPLETED
-                conn.execute(
-                    update(bundles)
-                    .where(bundles.c.id == bundle_id)
-                    .values(state=state.value, finished_at=t, error=bundle_error)
-                )
+                state = "failed" if bundle_error else "completed"
+                cur.execute(sql(FINISH_BUNDLE), (state, t, bundle_error, bundle_id))
         return counts
 
     def fail_permanently(self, worker: str, failed: Sequence[tuple[str, str]], bundle_id: str | None = None) -> int:
         """Fail jobs with no retry: errors that no second attempt can fix (bad params, bad code)."""
         t = now()
-        with write_transaction(self.engine) as conn:
-            n = 0
+        n = 0
+        with self.db.cursor(write=True) as cur:
             for job_id, error in failed:
-                result = conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.lease_owner == worker, jobs.c.state.in_(HELD_STATES))
-                    .values(
-                        state=JobState.FAILED.value,
-                        error=error,
-                        finished_at=t,
-                        updated_at=t,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                )
-                n += result.rowcount or 0
-                self._close_attempts(conn, [job_id], "failed", error, t)
+                cur.execute(self._sql(FAIL_HELD), (error, t, t, job_id, worker))
+                n += max(cur.rowcount, 0)
+                cur.execute(self._sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id))
         return n
 
     def release(self, worker: str, job_ids: Sequence[str] | None = None) -> int:
         """Give held jobs back to the queue untouched (a worker shutting down)."""
         t = now()
-        condition = and_(jobs.c.lease_owner == worker, jobs.c.state.in_(HELD_STATES))
-        if job_ids is not None:
-            condition = and_(condition, jobs.c.id.in_(list(job_ids)))
-        with write_transaction(self.engine) as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(condition)
-                .values(
-                    state=JobState.QUEUED.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    attempts=func.max(jobs.c.attempts - 1, 0) if not self.is_postgres else func.greatest(jobs.c.attempts - 1, 0),
-                    updated_at=t,
-                )
-            )
-            released = result.rowcount or 0
+        released = 0
+        with self.db.cursor(write=True) as cur:
+            if job_ids is None:
+                cur.execute(self._sql(RELEASE, max=self._sql.max, ids=""), (t, worker))
+                released = max(cur.rowcount, 0)
+            else:
+                for chunk in self._sql.chunks(list(job_ids)):
+                    in_sql, ids = self._sql.in_(chunk)
+                    cur.execute(self._sql(RELEASE, max=self._sql.max, ids=f" AND id {in_sql}"), [t, worker, *ids])
+                    released += max(cur.rowcount, 0)
             if released:
-                held_ids = select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value, jobs.c.updated_at == t)
-                conn.execute(
-                    update(attempts)
-                    .where(attempts.c.job_id.in_(held_ids), attempts.c.finished_at.is_(None), attempts.c.worker == worker)
-                    .values(finished_at=t, outcome="released")
-                )
+                cur.execute(self._sql(RELEASE_ATTEMPTS), (t, t, worker))
         return released
-
-    @staticmethod
-    def _close_attempts(conn: Any, job_ids: Sequence[str], outcome: str, error: str | None, t: float) -> None:
-        conn.execute(
-            update(attempts)
-            .where(attempts.c.job_id.in_(list(job_ids)), attempts.c.finished_at.is_(None))
-            .values(finished_at=t, outcome=outcome, error=error)
-        )
 
     # -- user actions ----------------------------------------------------------------
 
@@ -379,65 +472,46 @@ class Queue:
         """Cancel jobs that have not finished. Returns each id's state afterwards."""
         t = now()
         out: dict[str, str] = {}
-        with write_transaction(self.engine) as conn:
+        with self.db.cursor(write=True) as cur:
             for job_id in job_ids:
-                row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
+                cur.execute(self._sql(STATE_OF), (job_id,))
+                row = cur.fetchone()
                 if row is None:
                     raise JobNotFound(f"no job {job_id}")
-                if row.state in ACTIVE_VALUES:
-                    conn.execute(
-                        update(jobs)
-                        .where(jobs.c.id == job_id)
-                        .values(
-                            state=JobState.CANCELLED.value,
-                            finished_at=t,
-                            updated_at=t,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                        )
-                    )
-                    out[job_id] = JobState.CANCELLED.value
+                if row[0] in ACTIVE_VALUES:
+                    cur.execute(self._sql(CANCEL), (t, t, job_id))
+                    out[job_id] = CANCELLED
                 else:
-                    out[job_id] = row.state
+                    out[job_id] = row[0]
         return out
 
     def retry(self, job_ids: Sequence[str]) -> dict[str, str]:
         """Queue failed, cancelled or completed jobs again with a fresh attempt budget."""
         t = now()
         out: dict[str, str] = {}
-        with write_transaction(self.engine) as conn:
+        with self.db.cursor(write=True) as cur:
             for job_id in job_ids:
-                row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
+                cur.execute(self._sql(STATE_OF), (job_id,))
+                row = cur.fetchone()
                 if row is None:
                     raise JobNotFound(f"no job {job_id}")
-                if row.state in ACTIVE_VALUES:
-                    out[job_id] = row.state
+                if row[0] in ACTIVE_VALUES:
+                    out[job_id] = row[0]
                     continue
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id)
-                    .values(
-                        state=JobState.QUEUED.value,
-                        attempts=0,
-                        not_before=0.0,
-                        error=None,
-                        finished_at=None,
-                        result_key=None,
-                        result_bytes=None,
-                        bundle_id=None,
-                        updated_at=t,
-                    )
-                )
-                out[job_id] = JobState.QUEUED.value
+                cur.execute(self._sql(REQUEUE), (t, job_id))
+                out[job_id] = QUEUED
         return out
 
     # -- reading -----------------------------------------------------------------------
 
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self.db.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
-            found = {state: n for state, n in rows}
-        return {s.value: found.get(s.value, 0) for s in JobState}
+        found = {state: n for state, n in self._all(self._sql(COUNTS))}
+        return {s: found.get(s, 0) for s in JOB_STATES}
 
     def list_jobs(
         self,
@@ -446,92 +520,99 @@ class Queue:
         experiment: str | None = None,
         limit: int | None = 50,
         newest_first: bool = True,
-    ) -> list[Row[Any]]:
-        query = select(jobs)
+    ) -> list[JobRow]:
+        where: list[str] = []
+        params: list[Any] = []
         if state:
-            query = query.where(jobs.c.state == state)
+            where.append("state = ?")
+            params.append(state)
         if tag:
-            query = query.where(jobs.c.tags.like(f"%,{tag},%"))
+            where.append("tags LIKE ?")
+            params.append(f"%,{tag},%")
         if experiment:
-            query = query.where(jobs.c.experiment == experiment)
-        order = jobs.c.created_at.desc() if newest_first else jobs.c.created_at
-        query = query.order_by(order, jobs.c.id)
+            where.append("experiment = ?")
+            params.append(experiment)
+        sql = f"SELECT {_JOBS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id" if newest_first else " ORDER BY created_at, id"
         if limit is not None:
-            query = query.limit(limit)
-        with self.engine.connect() as conn:
-            return list(conn.execute(query))
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_job_row(r) for r in self._all(self._sql(sql), params)]
 
-    def get(self, job_ref: str) -> Row[Any]:
+    def get(self, job_ref: str) -> JobRow:
         """A job by id, unique id prefix, or cache key. Raises `JobNotFound`."""
         ref = job_ref.strip().lower()
         if not ref or not all(c in "0123456789abcdef" for c in ref):
             raise JobNotFound(f"no job {job_ref!r}: job ids are hexadecimal")
-        with self.engine.connect() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
+        sql = self._sql
+        with self.db.cursor() as cur:
+            cur.execute(sql(JOB_BY_ID), (ref,))
+            row = cur.fetchone()
             if row is not None:
-                return row
+                return _job_row(row)
             if len(ref) == 64:
-                row = conn.execute(
-                    select(jobs)
-                    .where(jobs.c.key == ref)
-                    .order_by(jobs.c.state.in_(list(DONE_VALUES)).desc(), jobs.c.created_at.desc())
-                ).first()
+                cur.execute(sql(JOB_BY_KEY), (ref,))
+                row = cur.fetchone()
                 if row is not None:
-                    return row
+                    return _job_row(row)
             if len(ref) >= 4:
-                rows = list(conn.execute(select(jobs).where(jobs.c.id.like(f"{ref}%")).limit(2)))
+                cur.execute(sql(JOBS_BY_PREFIX), (ref, ref + "g"))
+                rows = cur.fetchall()
                 if len(rows) == 1:
-                    return rows[0]
+                    return _job_row(rows[0])
                 if len(rows) > 1:
                     raise JobNotFound(f"job id prefix {job_ref!r} is ambiguous: give more characters")
         raise JobNotFound(f"no job {job_ref!r}")
 
-    def get_many(self, job_ids: Sequence[str]) -> list[Row[Any]]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(select(jobs).where(jobs.c.id.in_(list(job_ids)))))
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRow]:
+        out: list[JobRow] = []
+        with self.db.cursor() as cur:
+            for chunk in self._sql.chunks(list(job_ids)):
+                in_sql, ids = self._sql.in_(chunk)
+                cur.execute(self._sql(JOBS_BY_IDS, ids=in_sql), ids)
+                out.extend(_job_row(r) for r in cur.fetchall())
+        return out
 
-    def done_by_key(self, key: str) -> Row[Any] | None:
+    def done_by_key(self, key: str) -> JobRow | None:
         """The newest job that holds a result for `key`, if any."""
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(jobs)
-                .where(jobs.c.key == key, jobs.c.state.in_(list(DONE_VALUES)), jobs.c.result_key.is_not(None))
-                .order_by(jobs.c.finished_at.desc())
-            ).first()
+        rows = self._all(self._sql(DONE_BY_KEY), (key,))
+        return _job_row(rows[0]) if rows else None
 
-    def attempts_of(self, job_id: str) -> list[Row[Any]]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)))
+    def attempts_of(self, job_id: str) -> list[AttemptRow]:
+        return [AttemptRow._make(r) for r in self._all(self._sql(ATTEMPTS_OF), (job_id,))]
 
-    def bundle(self, bundle_id: str) -> Row[Any] | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(bundles).where(bundles.c.id == bundle_id)).first()
+    def bundle(self, bundle_id: str) -> BundleRow | None:
+        rows = self._all(self._sql(BUNDLE), (bundle_id,))
+        return BundleRow._make(rows[0]) if rows else None
 
     def pending_count(self) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(func.count()).select_from(jobs).where(
-                    or_(jobs.c.state == JobState.QUEUED.value, jobs.c.state.in_(HELD_STATES))
-                )
-            ).scalar_one()
+        return int(self._all(self._sql(PENDING))[0][0])
 
     def stored_bytes(self) -> int:
         """Bytes of stored results, each result counted once however many jobs share it."""
-        per_key = (
-            select(jobs.c.result_key, func.max(jobs.c.result_bytes).label("size"))
-            .where(jobs.c.result_key.is_not(None), jobs.c.result_bytes.is_not(None))
-            .group_by(jobs.c.result_key)
-            .subquery()
-        )
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.coalesce(func.sum(per_key.c.size), 0))).scalar_one())
+        return int(self._all(self._sql(STORED_BYTES))[0][0])
 
     def result_keys_in_use(self) -> dict[str, str]:
         """Every result key a job points at, with that job's state (for `gc`)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs.c.result_key, jobs.c.state).where(jobs.c.result_key.is_not(None)))
-            return {k: s for k, s in rows}
+        return {k: s for k, s in self._all(self._sql(RESULT_KEYS))}
 
 
-ACTIVE_VALUES = frozenset(s.value for s in ACTIVE_STATES)
-DONE_VALUES = frozenset(s.value for s in DONE_STATES)
+def _check_columns(tables: Any) -> None:
+    for table, columns in ((tables.jobs, JOB_COLUMNS), (tables.bundles, BUNDLE_COLUMNS),
+                           (tables.attempts, ATTEMPT_COLUMNS)):
+        if tuple(table.c.keys()) != columns:
+            raise AssertionError(f"queue.py's columns of {table.name} differ from tables.py's")
+    if tuple(s.value for s in tables.JobState) != JOB_STATES:
+        raise AssertionError("queue.py's job states differ from tables.JobState")
+
+
+def __getattr__(name: str) -> Any:
+    """The SQLAlchemy tables and state enums, importable from here as before (loaded on use)."""
+    if name in ("jobs", "bundles", "attempts", "JobState", "BundleState", "ACTIVE_STATES", "DONE_STATES"):
+        from . import tables
+
+        _check_columns(tables)
+        return getattr(tables, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
