@@ -101,10 +101,10 @@ def configure_sqlite(dbapi_connection: sqlite3.Connection) -> None:
     # In WAL mode NORMAL is crash-safe for the database; only the last commits before a
     # power cut can be lost, never the file's integrity. Results are fsynced separately.
     cursor.execute("PRAGMA synchronous = NORMAL")
-    # Up to 64 MiB of page cache (the default is 2 MiB): a batch of 100k jobs touches about
-    # 40 MiB of table and index pages, and spilling them mid-transaction halves the insert rate.
-    # The cache grows only as pages are used.
-    cursor.execute("PRAGMA cache_size = -65536")
+    # Up to 16 MiB of page cache (the default is 2 MiB): a batch of 100k jobs inserts 15% faster
+    # (more did not help), while a full scan (`status`'s stored bytes) grows a reader by 16 MiB
+    # at most. The cache grows only as pages are used.
+    cursor.execute("PRAGMA cache_size = -16384")
     # ORDER BY and GROUP BY scratch space in memory rather than in temporary files.
     cursor.execute("PRAGMA temp_store = MEMORY")
     # Checkpoint the WAL into the database every 4000 pages (16 MiB) rather than every 1000: a

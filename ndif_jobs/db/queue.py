@@ -141,6 +141,8 @@ class AttemptRow(_Row, namedtuple("AttemptRow", ATTEMPT_COLUMNS)):  # type: igno
 
 
 _job_row = JobRow._make
+# `json.dumps(params, sort_keys=True)`, without building a new encoder for every job.
+_params_json = json.JSONEncoder(sort_keys=True).encode
 _EXISTING = namedtuple("_EXISTING", ("id", "key", "state", "result_key"))
 
 # -- the statements --------------------------------------------------------------------------
@@ -235,6 +237,7 @@ DONE_BY_KEY = (
 )
 ATTEMPTS_OF = f"SELECT {_q(ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = ? ORDER BY number"
 BUNDLE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE id = ?"
+BUNDLES_IN_STATE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE state = ? ORDER BY created_at"
 PENDING = f"SELECT count(*) FROM jobs WHERE state IN ('{QUEUED}', '{CLAIMED}', '{RUNNING}')"
 STORED_BYTES = (
     "SELECT COALESCE(SUM(size), 0) FROM (SELECT result_key, MAX(result_bytes) AS size FROM jobs"
@@ -306,7 +309,7 @@ class Queue:
         t = now()
         out: list[Enqueued] = []
         rows: list[tuple[Any, ...]] = []
-        dumps = json.dumps
+        dumps = _params_json
         with self.db.cursor(write=True) as cur:
             existing = self._existing_by_key(cur, {j.key for j in new_jobs if not j.force})
             seen_in_batch: dict[str, Enqueued] = {}
@@ -321,7 +324,7 @@ class Queue:
                     state, result_key, finished = CACHED, hit.result_key, t
                 rows.append((
                     job.id, job.key, job.experiment, job.model, job.model_key, job.backend,
-                    dumps(job.params, sort_keys=True), state, job.priority, encode_tags(job.tags),
+                    dumps(job.params), state, job.priority, encode_tags(job.tags),
                     created, created, finished, 0.0, 0, job.max_attempts, result_key, job.estimated_bytes,
                 ))
                 entry = Enqueued(job.id, state)
@@ -586,6 +589,10 @@ class Queue:
     def bundle(self, bundle_id: str) -> BundleRow | None:
         rows = self._all(self._sql(BUNDLE), (bundle_id,))
         return BundleRow._make(rows[0]) if rows else None
+
+    def bundles_in_state(self, state: str) -> list[BundleRow]:
+        """Bundles in `state` (e.g. `submitted`: waiting at NDIF), oldest first."""
+        return [BundleRow._make(r) for r in self._all(self._sql(BUNDLES_IN_STATE), (state,))]
 
     def pending_count(self) -> int:
         return int(self._all(self._sql(PENDING))[0][0])
