@@ -7,13 +7,18 @@
 A result is written into a temporary folder beside its final place, fsynced, and renamed into
 place, so a crash leaves either the whole result or none of it. The safetensors file is written
 by us: the header, then each tensor's own memory straight to the file (no second in-memory copy
-of the result), hashed on a second thread while the first writes.
+of the result; strided or accelerator tensors go through two small reused staging buffers),
+hashed with sha256 on a second thread while the first writes and then waits in the one fsync.
 
-Reading checks the tensor file against its sha256 and memory-maps it: tensors share the page
-cache rather than being copied. Re-hashing a large file on every read would cost more than the
-read itself, so the manifest also records the file's size, inode and modification time as
-written; a file whose stat still matches is trusted, any other is re-hashed before use, and
-`verify` always re-hashes everything.
+Reading memory-maps the tensor file: tensors share the page cache rather than being copied.
+Re-hashing a large file on every read would cost more than the read itself (sha256 runs at
+about 1-2 GB/s on one core), so the manifest also records the file's stat as written: size,
+inode, mtime and ctime. A file whose stat still matches is trusted; any other is re-hashed
+before use, and `verify` always re-hashes. ctime cannot be set from user space, so a file
+rewritten in place with its mtime put back is caught; the stamp is recorded only once the
+file-time clock has moved past the file's times, so a change in the same clock tick is caught
+too. The stat is taken from the very file descriptor that is then hashed or mapped. What a stat
+cannot see (bits flipped by the disk itself) only `verify` finds. See docs/store.md.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import mmap
 import os
 import shutil
 import struct
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue as ThreadQueue
-from typing import TYPE_CHECKING, Any
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import ResultCorrupt, ResultMissing, StoreError
 
@@ -108,18 +114,79 @@ def unflatten(structure: Any, tensors: Mapping[str, Any]) -> Any:
 
 # -- the safetensors file ----------------------------------------------------------------
 
+# A contiguous CPU tensor is written from its own memory in pieces of _CHUNK bytes. Any other
+# tensor (strided, expanded, or on an accelerator) is copied a few rows at a time into one of
+# _COPIES_IN_FLIGHT staging buffers of _COPY_CHUNK bytes, reused for the whole file: a buffer
+# comes back once its piece is hashed. Extra memory while storing stays a few MiB, whatever the
+# size of the result. (Fresh copies per piece would not do: freed and re-allocated, they grow
+# the heap by tens of MiB.)
+_COPY_CHUNK = 4 << 20
+_COPIES_IN_FLIGHT = 2
 
-def _tensor_bytes(tensor: Any) -> memoryview:
-    """The tensor's own memory as bytes, without a copy when it is already contiguous on CPU."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
+Piece = tuple[memoryview, Any]  # the bytes, and the staging buffer they live in (None: the tensor's own)
+
+
+class _Staging:
+    """The staging buffers. Only the writer takes them; the hasher gives them back."""
+
+    def __init__(self) -> None:
+        self._free: SimpleQueue[Any] = SimpleQueue()
+        self._made = 0
+
+    def take(self) -> "torch.Tensor":
+        if self._made < _COPIES_IN_FLIGHT and self._free.empty():
+            import torch
+
+            self._made += 1
+            return torch.empty(_COPY_CHUNK, dtype=torch.uint8)
+        return self._free.get()
+
+    def give(self, buffer: "torch.Tensor") -> None:
+        self._free.put(buffer)
+
+
+def _as_bytes(t: "torch.Tensor") -> memoryview:
+    """A contiguous CPU tensor's memory as bytes, without a copy."""
     import torch
 
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _tensor_pieces(tensor: Any, staging: _Staging) -> Iterator[Piece]:
+    """The tensor's bytes in row-major order, in pieces."""
+    t = tensor.detach()
+    if t.numel() == 0:
+        return
+    if t.device.type == "cpu" and t.is_contiguous():
+        view = _as_bytes(t)
+        for start in range(0, len(view), _CHUNK):
+            yield view[start : start + _CHUNK], None
+        return
+    yield from _copied_pieces(t, staging)
+
+
+def _copied_pieces(t: "torch.Tensor", staging: _Staging) -> Iterator[Piece]:
+    nbytes = t.numel() * t.element_size()
+    if t.numel() == 0:
+        return
+    if t.dim() == 0 or nbytes <= _COPY_CHUNK:
+        yield _staged(t, staging)
+        return
+    row = nbytes // t.shape[0]
+    if row > _COPY_CHUNK:  # one row is already too big: go a dimension down
+        for i in range(t.shape[0]):
+            yield from _copied_pieces(t[i], staging)
+        return
+    step = _COPY_CHUNK // row
+    for i in range(0, t.shape[0], step):
+        yield _staged(t[i : i + step], staging)
+
+
+def _staged(t: "torch.Tensor", staging: _Staging) -> Piece:
+    buffer = staging.take()
+    n = t.numel() * t.element_size()
+    buffer[:n].view(t.dtype).view(t.shape).copy_(t)
+    return memoryview(buffer[:n].numpy()), buffer
 
 
 def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[bytes, list[tuple[str, int]]]:
@@ -141,87 +208,149 @@ def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[by
 
 
 class _Hasher:
-    """sha256 on a second thread: hashlib releases the GIL, so hashing overlaps the writes."""
+    """sha256 on a second thread, fed the same pieces the writer writes.
 
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-        self._queue: ThreadQueue[memoryview | None] = ThreadQueue(maxsize=4)
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    hashlib and os.write both release the GIL, so on two cores the hash and the copy into the
+    page cache run side by side, and the hash goes on while the main thread waits in fsync. The
+    queue holds views of the caller's tensors (no copies) and so needs no bound; pieces in a
+    staging buffer are bounded by the buffers, each given back once its piece is hashed.
+    """
+
+    def __init__(self, staging: _Staging) -> None:
+        self._digest = hashlib.sha256()
+        self._staging = staging
+        self._queue: SimpleQueue[Piece | None] = SimpleQueue()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ndif-jobs-sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self.digest.update(chunk)
+        while (item := self._queue.get()) is not None:
+            chunk, buffer = item
+            try:
+                if not self._stop:
+                    self._digest.update(chunk)
+            except BaseException as exc:  # pragma: no cover - hashlib does not fail on bytes
+                self._error, self._stop = exc, True
+            finally:
+                if buffer is not None:
+                    self._staging.give(buffer)
 
-    def update(self, chunk: memoryview) -> None:
-        self._queue.put(chunk)
+    def update(self, piece: Piece) -> None:
+        self._queue.put(piece)
 
-    def hexdigest(self) -> str:
+    def close(self, abort: bool = False) -> None:
+        self._stop = self._stop or abort
         self._queue.put(None)
         self._thread.join()
-        return self.digest.hexdigest()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+
+def _write_all(fd: int, chunk: memoryview) -> None:
+    written = os.write(fd, chunk)
+    while written < len(chunk):  # a short write: keep going from where it stopped
+        written += os.write(fd, chunk[written:])
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """Write a valid safetensors file straight from the tensors' memory; returns (sha256, bytes)."""
-    head, order = _header(tensors, metadata or {})
-    hasher = _Hasher()
-    total = 0
-    try:
-        with open(path, "wb", buffering=0) as f:
-            f.write(head)
-            hasher.update(memoryview(head))
-            total += len(head)
-            for name, nbytes in order:
-                view = _tensor_bytes(tensors[name])
-                for start in range(0, nbytes, _CHUNK):
-                    chunk = view[start : start + _CHUNK]
-                    written = f.write(chunk)
-                    while written < len(chunk):  # a short write: keep going from where it stopped
-                        written += f.write(chunk[written:])
-                    hasher.update(chunk)
-                total += nbytes
-            os.fsync(f.fileno())
-    finally:
-        digest = hasher.hexdigest()
+    """Write a valid safetensors file straight from the tensors' memory; returns (sha256, bytes).
+
+    The file is fsynced before this returns.
+    """
+    digest, total, _ = _write_safetensors(path, tensors, metadata)
     return digest, total
 
 
-def sha256_file(path: Path) -> str:
+def _write_safetensors(
+    path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> tuple[str, int, os.stat_result]:
+    head, order = _header(tensors, metadata or {})
+    total = len(head) + sum(nbytes for _, nbytes in order)
+    staging = _Staging()
+    hasher = _Hasher(staging)
+    try:
+        with open(path, "wb", buffering=0) as f:
+            fd = f.fileno()
+            hasher.update((memoryview(head), None))
+            _write_all(fd, memoryview(head))
+            for name, _nbytes in order:
+                for piece in _tensor_pieces(tensors[name], staging):
+                    hasher.update(piece)  # hashed on the other thread while it is written here
+                    _write_all(fd, piece[0])
+            if os.fstat(fd).st_size != total:
+                raise StoreError(f"{path}: wrote {os.fstat(fd).st_size} bytes, expected {total}")
+            os.fsync(fd)  # the disk works while the hasher finishes
+            digest = hasher.hexdigest()
+            st = os.fstat(fd)
+    finally:
+        hasher.close(abort=True)
+    return digest, total, st
+
+
+def _sha256_fd(fd: int, size: int) -> str:
+    """sha256 of an open file's first `size` bytes, read through a mapping (no copy into Python)."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    if size > 0:
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
+            if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mapped)
+            try:
+                for start in range(0, size, _CHUNK):
+                    digest.update(view[start : start + _CHUNK])
+            finally:
+                view.release()
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb", buffering=0) as f:
+        return _sha256_fd(f.fileno(), os.fstat(f.fileno()).st_size)
 
 
 def read_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
     """Memory-map a safetensors file: tensors share the page cache (copy-on-write, no copy)."""
+    with open(path, "rb") as f:
+        return _map_safetensors(f, path)
+
+
+def _map_safetensors(f: BinaryIO, path: Path) -> dict[str, "torch.Tensor"]:
     import torch
 
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ResultCorrupt(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8 or n > 100_000_000:
-            raise ResultCorrupt(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ResultCorrupt(f"{path}: not a safetensors file (bad header)") from None
-        data_start = 8 + n
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else None
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise ResultCorrupt(f"{path}: not a safetensors file (too short)")
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8 or n > 100_000_000:
+        raise ResultCorrupt(f"{path}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError
+    except ValueError:
+        raise ResultCorrupt(f"{path}: not a safetensors file (bad header)") from None
+    data_start = 8 + n
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = getattr(torch, _TORCH_DTYPES[info["dtype"]])
-            start, end = info["data_offsets"]
-            shape = info["shape"]
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(x) for x in info["shape"]]
+            expected = math.prod(shape) * dtype.itemsize
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ResultCorrupt(f"{path}: bad header entry for {name!r}") from None
+        if start < 0 or end - start != expected or min(shape, default=0) < 0:
+            raise ResultCorrupt(f"{path}: bad header entry for {name!r}")
         if start == end:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
@@ -235,9 +364,44 @@ def read_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
 # -- the store ---------------------------------------------------------------------------
 
 
-def _stat_stamp(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    """What a later stat must show for the file to be trusted without re-hashing it.
+
+    ctime cannot be set from user space (utime, touch -r and rsync -t all reset it to now), so a
+    file rewritten in place with its size and mtime put back still shows a new ctime.
+    """
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+_LINUX = sys.platform.startswith("linux")
+_CLOCK_REALTIME_COARSE = 5  # Linux: the clock the kernel stamps file times from
+# A later change gets a timestamp past the recorded one only once the clock the file system
+# stamps from has moved past it, by more than its granularity.
+_FS_SLACK_NS = 1_000_000 if _LINUX else 50_000_000
+
+
+def _fs_now_ns() -> int:
+    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) if _LINUX else time.time_ns()
+
+
+def _settled_stamp(st: os.stat_result, wait_s: float = 0.25) -> dict[str, int] | None:
+    """The stat stamp to record, or None where a later change might leave it unchanged.
+
+    File times come from a clock that ticks every few ms, so a change in the same tick as the
+    last write would keep mtime and ctime as they are (git's "racy clean" problem). Waiting for
+    the clock to pass them (a few ms at most, and only for files written within the last tick)
+    rules that out. File systems with whole-second times, or a clock behind the file's times (a
+    remote server's), get no stamp: their results are re-hashed on every load instead.
+    """
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    if st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0:
+        return None
+    deadline = time.monotonic() + wait_s
+    while _fs_now_ns() <= newest + _FS_SLACK_NS:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
+    return _stamp(st)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -302,17 +466,18 @@ class ResultStore:
                 # A damaged copy is moved aside (kept for inspection), and the new one stored.
                 os.rename(final, self.root / f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}")
         structure, tensors = flatten(result)
+        new_prefix = not final.parent.exists()
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True, mode=0o700)
-            digest, nbytes = write_safetensors(tmp / TENSOR_FILE, tensors)
+            digest, nbytes, st = _write_safetensors(tmp / TENSOR_FILE, tensors)
             manifest = {
                 "format": FORMAT_VERSION,
                 "key": key,
                 "created_at": time.time(),
                 "info": dict(info or {}),
-                "files": {TENSOR_FILE: {"sha256": digest, "bytes": nbytes, "stat": _stat_stamp(tmp / TENSOR_FILE)}},
+                "files": {TENSOR_FILE: {"sha256": digest, "bytes": nbytes, "stat": _settled_stamp(st)}},
                 "tensors": {
                     name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                     for name, t in sorted(tensors.items())
@@ -333,6 +498,8 @@ class ResultStore:
                     return self._size(final)
                 raise
             _fsync_dir(final.parent)
+            if new_prefix:
+                _fsync_dir(self.root)
             return nbytes + len(body)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -353,29 +520,59 @@ class ResultStore:
             manifest = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise ResultCorrupt(f"result {key[:12]}: manifest.json is not valid JSON") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != FORMAT_VERSION
+            or not isinstance(manifest.get("files"), dict)
+        ):
             raise ResultCorrupt(f"result {key[:12]}: manifest.json is not an ndif-jobs manifest")
         return manifest
 
     def check(self, key: str, full: bool = True) -> dict[str, Any]:
         """The manifest, after checking each file's sha256 (or only its stat if `full` is off)."""
         manifest = self.manifest(key)
-        folder = self.path_for(key)
         for name, entry in manifest["files"].items():
-            path = folder / name
-            if not path.exists():
-                raise ResultCorrupt(f"result {key[:12]}: {name} is missing")
-            if not full and entry.get("stat") == _stat_stamp(path):
-                continue
-            if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
-                raise ResultCorrupt(f"result {key[:12]}: {name} does not match its checksum")
+            with self._open(key, name) as f:
+                self._check_open(key, name, entry, f, full)
         return manifest
 
+    def _open(self, key: str, name: str) -> BinaryIO:
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+            raise ResultCorrupt(f"result {key[:12]}: manifest.json names a bad file {name!r}")
+        try:
+            return open(self.path_for(key) / name, "rb")
+        except FileNotFoundError:
+            raise ResultCorrupt(f"result {key[:12]}: {name} is missing") from None
+
+    def _check_open(self, key: str, name: str, entry: Any, f: BinaryIO, full: bool) -> None:
+        """Check an open file, so that what is checked is what the caller then reads."""
+        if not isinstance(entry, dict):
+            raise ResultCorrupt(f"result {key[:12]}: manifest.json has a bad entry for {name}")
+        st = os.fstat(f.fileno())
+        stamp = entry.get("stat")
+        if not full and stamp is not None and stamp == _stamp(st):
+            return
+        if st.st_size != entry.get("bytes") or _sha256_fd(f.fileno(), st.st_size) != entry.get("sha256"):
+            raise ResultCorrupt(f"result {key[:12]}: {name} does not match its checksum")
+
     def get(self, key: str, verify: bool = False) -> StoredResult:
-        """A stored result with memory-mapped tensors. Raises `ResultMissing` / `ResultCorrupt`."""
-        manifest = self.check(key, full=verify)
+        """A stored result with memory-mapped tensors. Raises `ResultMissing` / `ResultCorrupt`.
+
+        The tensor file is opened once: its stat (or, with `verify` or a changed stat, its
+        sha256) is checked on the very file that is then mapped.
+        """
+        manifest = self.manifest(key)
+        files = manifest["files"]
+        if TENSOR_FILE not in files:
+            raise ResultCorrupt(f"result {key[:12]}: manifest.json has no checksum for {TENSOR_FILE}")
+        for name, entry in files.items():
+            if name != TENSOR_FILE:
+                with self._open(key, name) as f:
+                    self._check_open(key, name, entry, f, verify)
         folder = self.path_for(key)
-        tensors = read_safetensors(folder / TENSOR_FILE)
+        with self._open(key, TENSOR_FILE) as f:
+            self._check_open(key, TENSOR_FILE, files[TENSOR_FILE], f, verify)
+            tensors = _map_safetensors(f, folder / TENSOR_FILE)
         missing = set(manifest.get("tensors", {})) - set(tensors)
         if missing:
             raise ResultCorrupt(f"result {key[:12]}: tensors missing from the file: {', '.join(sorted(missing))}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from ndif_jobs.errors import ResultCorrupt, ResultMissing, StoreError
 from ndif_jobs.results import MANIFEST_FILE, TENSOR_FILE, ResultStore
 
 KEY = "ab" * 32
+REPO = Path(__file__).resolve().parent.parent
 
 
 def sample() -> dict:
@@ -144,3 +148,164 @@ def test_round_trip_property(tmp_path_factory, result) -> None:  # type: ignore[
         return a == b
 
     assert same(result, got)
+
+
+# -- writing from the tensors' memory ------------------------------------------------------
+
+
+def test_strided_and_expanded_tensors_are_written_in_pieces(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ndif_jobs.results as results
+
+    monkeypatch.setattr(results, "_COPY_CHUNK", 64)  # many pieces, and rows bigger than a piece
+    monkeypatch.setattr(results, "_CHUNK", 96)
+    base = torch.arange(40 * 30, dtype=torch.float32).reshape(40, 30)
+    data = {
+        "t": base.t(),  # strided: rows of 160 bytes, more than a piece
+        "cols": base[:, ::3],
+        "wide": torch.arange(2 * 3 * 50, dtype=torch.int16).reshape(2, 3, 50).transpose(0, 2),
+        "expanded": torch.tensor([1.5, -2.0]).expand(7, 2),
+        "flat": torch.arange(100, dtype=torch.int64)[::7],
+        "contiguous": torch.randn(50, 3),
+        "grad": torch.ones(5, 5, requires_grad=True),
+    }
+    store = ResultStore(tmp_path)
+    store.put(KEY, data)
+    got = store.get(KEY, verify=True).values
+    on_disk = load_file(store.path_for(KEY) / TENSOR_FILE)
+    for name, t in data.items():
+        assert torch.equal(got[name], t.detach()) and got[name].shape == t.shape
+        assert torch.equal(on_disk[name], t.detach())
+
+
+def test_peak_extra_memory_of_a_put_is_under_a_tenth_of_the_result(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """256 MiB, half of it strided (copied a few MiB at a time), stored in a fresh process."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    script = f"""
+import json, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from ndif_jobs.results import ResultStore
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+data = {{
+    "a": torch.empty(8192, 4096).normal_(),               # 128 MiB, written from its own memory
+    "b": torch.empty(4096, 8192).normal_().t(),           # 128 MiB, strided: copied in pieces
+}}
+open("/proc/self/clear_refs", "w").write("5")
+before = rss("VmRSS:")
+ResultStore({str(tmp_path)!r}).put("{KEY}", data)
+print(json.dumps({{"before": before, "peak": rss("VmHWM:")}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    size = 256 << 20
+    assert m["peak"] - m["before"] < size // 10, f"peak extra {(m['peak'] - m['before']) >> 20} MiB"
+
+
+# -- trusting a stat, and when not to ------------------------------------------------------
+
+
+def test_unchanged_file_is_trusted_without_rehashing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ndif_jobs.results as results
+
+    store = ResultStore(tmp_path)
+    store.put(KEY, sample())
+    calls = []
+    real = results._sha256_fd
+    monkeypatch.setattr(results, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    store.get(KEY)
+    assert calls == []
+    store.get(KEY, verify=True)
+    assert len(calls) == 1
+
+
+def test_in_place_rewrite_with_its_mtime_put_back_is_caught(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Same size, same inode, same mtime (as rsync -t or touch -r would leave it): ctime still moves."""
+    store = ResultStore(tmp_path)
+    store.put(KEY, {"x": torch.zeros(1000)})
+    path = store.path_for(KEY) / TENSOR_FILE
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x3f")  # the last float becomes 1.0
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+    with pytest.raises(ResultCorrupt, match="does not match its checksum"):
+        store.get(KEY)
+
+
+def test_stamp_waits_for_the_file_clock_to_move_on() -> None:
+    """A change in the same clock tick as the write would keep mtime and ctime (racy stamp)."""
+    import ndif_jobs.results as results
+
+    now = results._fs_now_ns()
+    fake = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, now, now + 1, now))
+    stamp = results._settled_stamp(fake)
+    assert stamp == {"size": 100, "ino": 7, "mtime_ns": now + 1, "ctime_ns": now}
+    assert results._fs_now_ns() > now + 1  # any later change gets a later time
+    whole = (now // 10**9) * 10**9
+    coarse = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, whole, whole, whole))
+    assert results._settled_stamp(coarse) is None  # whole-second times: never trusted
+    future = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, now + 10**12, now + 10**12 + 1, now + 10**12 + 1))
+    assert results._settled_stamp(future, wait_s=0.01) is None  # a clock behind the file's: never trusted
+
+
+def test_stamp_without_ctime_from_an_older_manifest_means_rehash(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ndif_jobs.results as results
+
+    store = ResultStore(tmp_path)
+    store.put(KEY, sample())
+    mpath = store.path_for(KEY) / MANIFEST_FILE
+    manifest = json.loads(mpath.read_text())
+    del manifest["files"][TENSOR_FILE]["stat"]["ctime_ns"]
+    mpath.write_text(json.dumps(manifest))
+    calls = []
+    real = results._sha256_fd
+    monkeypatch.setattr(results, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    assert torch.equal(store.get(KEY).values["norms"], sample()["norms"])
+    assert len(calls) == 1
+
+
+def test_get_maps_the_very_file_it_checked(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A file swapped in between the check and the mapping is not what get returns."""
+    import ndif_jobs.results as results
+
+    store = ResultStore(tmp_path)
+    store.put(KEY, {"x": torch.zeros(64)})
+    other = ResultStore(tmp_path / "other")
+    other.put(KEY, {"x": torch.ones(64)})  # same size, valid, but not this result's bytes
+    path = store.path_for(KEY) / TENSOR_FILE
+    real = results._map_safetensors
+
+    def swap_then_map(f, p):  # type: ignore[no-untyped-def]
+        os.replace(other.path_for(KEY) / TENSOR_FILE, path)
+        return real(f, p)
+
+    monkeypatch.setattr(results, "_map_safetensors", swap_then_map)
+    assert torch.equal(store.get(KEY).values["x"], torch.zeros(64))
+
+
+def test_bad_manifest_entries_and_headers_are_corrupt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ndif_jobs.results import read_safetensors
+
+    store = ResultStore(tmp_path)
+    store.put(KEY, sample())
+    mpath = store.path_for(KEY) / MANIFEST_FILE
+    good = json.loads(mpath.read_text())
+    no_tensors = dict(good, files={})
+    mpath.write_text(json.dumps(no_tensors))
+    with pytest.raises(ResultCorrupt, match="no checksum"):
+        store.get(KEY)
+    outside = dict(good, files={**good["files"], "../../secret": {"sha256": "0" * 64, "bytes": 1}})
+    mpath.write_text(json.dumps(outside))
+    with pytest.raises(ResultCorrupt, match="bad file"):
+        store.check(KEY)
+    # a header whose offsets disagree with the shape
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ResultCorrupt, match="bad header entry"):
+        read_safetensors(bad)
