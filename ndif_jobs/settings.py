@@ -64,6 +64,29 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=300.0, gt=0, description="How long a claim lasts before another worker may take it.")
     poll_s: float = Field(default=1.0, gt=0, description="Worker sleep between polls of an empty queue.")
 
+    # The ndif backend.
+    allow_http_loopback: bool = Field(
+        default=False, description="Accept a plain-http NDIF_HOST on loopback (a local NDIF); https otherwise."
+    )
+    bundle_deadline_s: float = Field(
+        default=3600.0, gt=0, description="A request NDIF has not answered by then is abandoned and sent again."
+    )
+    max_result_bytes: int = Field(
+        default=1 << 30, gt=0, description="Most estimated result bytes in one NDIF request."
+    )
+    http_timeout_s: float = Field(default=60.0, gt=0, description="Read timeout of one HTTP call to NDIF.")
+    http_retries: int = Field(default=6, ge=1, le=100, description="Tries of one HTTP call before its bundle is retried later.")
+    http_retry_max_s: float = Field(default=120.0, gt=0, description="Longest time spent retrying one HTTP call.")
+    eviction_grace_s: float = Field(
+        default=30.0, ge=0, description="After NDIF reports an evicted replica, how long to wait for a late COMPLETED."
+    )
+    poll_min_s: float = Field(default=0.25, gt=0, description="First wait between polls of a submitted request.")
+    poll_max_s: float = Field(default=10.0, gt=0, description="Longest wait between polls of a submitted request.")
+    local_standins: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON map of remote model -> local stand-in for local runs, e.g. {"meta-llama/Llama-3.1-70B": "smollm2-135m"}.',
+    )
+
     imports: str = Field(
         default="", description="Comma-separated modules that define your own @experiment functions."
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import experiments
 from .backends import JobOutcome, JobSpec, get_backend
+from .db.remote import RemoteBundles
 from .db.tables import JobState
 from .errors import NdifJobsError
 from .logging import ensure_logging, get_logger, register_secret, scrub
@@ -95,6 +96,7 @@ class Worker:
         self.on_progress = on_progress
         self._stopping = threading.Event()
         self._backends: dict[str, Any] = {}
+        self.remote = RemoteBundles(service.queue.engine)
 
     # -- signals -------------------------------------------------------------------------
 
@@ -120,24 +122,41 @@ class Worker:
     def run(self, until_empty: bool = False) -> WorkerStats:
         log.info("worker started", worker=self.id, backend=self.backend_filter or "any", max_bundle=self.max_bundle)
         queue = self.service.queue
+        # `--backend local` runs every job here (remote models through their local stand-ins);
+        # `--backend ndif` takes only NDIF jobs; no flag: each job on its own backend.
+        claim_filter = None if self.backend_filter == "local" else self.backend_filter
         try:
             while not self._stopping.is_set():
-                jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=self.backend_filter)
+                if self.backend_filter != "local":
+                    self._reattach()
+                jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=claim_filter)
                 if not jobs:
                     counts = queue.counts()
-                    if until_empty and counts[JobState.QUEUED.value] == 0:
+                    waiting = counts[JobState.QUEUED.value] + (
+                        counts[JobState.SUBMITTED.value] if self.backend_filter != "local" else 0
+                    )
+                    if until_empty and waiting == 0:
                         break
                     self._stopping.wait(self.settings.poll_s)
                     continue
+                if self.backend_filter == "local":
+                    jobs = [self._to_local(job) for job in jobs]
                 groups: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
                 for job in jobs:
                     groups[(job.backend, job.model, job.model_key)].append(job)
                 for (backend, model, _model_key), group in groups.items():
-                    self._run_bundle(backend, model, group)
+                    for bundle in self._pack(group):
+                        if backend == "ndif":
+                            self._run_remote_bundle(model, bundle)
+                        else:
+                            self._run_bundle(backend, model, bundle)
         finally:
             released = queue.release(self.id)
             if released:
                 log.info("released unstarted jobs", count=released)
+            handed = self.remote.hand_back(self.id)
+            if handed:
+                log.info("left jobs at NDIF for the next worker to re-attach", count=handed)
         log.info(
             "worker finished",
             worker=self.id,
@@ -147,6 +166,35 @@ class Worker:
             retried=self.stats.retried,
         )
         return self.stats
+
+    def _pack(self, jobs: list[Any]) -> list[list[Any]]:
+        """Split a model's jobs so no bundle asks for more than `max_result_bytes` back."""
+        limit = self.settings.max_result_bytes
+        bundles: list[list[Any]] = [[]]
+        size = 0
+        for job in jobs:
+            estimate = job.estimated_bytes or 0
+            if bundles[-1] and size + estimate > limit:
+                bundles.append([])
+                size = 0
+            bundles[-1].append(job)
+            size += estimate
+        return bundles
+
+    def _to_local(self, job: Any) -> Any:
+        """An NDIF job re-bound to run here: its stand-in model, its own cache key."""
+        if job.backend == "local":
+            return job
+        from .keys import cache_key
+        from .models import resolve_model
+
+        spec = self.settings.local_standins.get(job.model, job.model)
+        ref = resolve_model(spec)
+        exp = experiments.get(job.experiment)
+        key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, json.loads(job.params))
+        self.remote.rebind(job.id, backend="local", model=ref.spec, model_key=ref.model_key, key=key)
+        log.info("running an NDIF job locally", job=job.id, model=job.model, standin=ref.spec)
+        return self.service.queue.get(job.id)
 
     def _backend(self, name: str) -> Any:
         if name not in self._backends:
@@ -191,6 +239,13 @@ class Worker:
             self._count(counts)
             return
 
+        self._store_outcomes(bundle_id, jobs, outcomes, blog, started)
+
+    def _store_outcomes(
+        self, bundle_id: str, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any, started: float
+    ) -> None:
+        """Store each result, then mark jobs completed, or failed with their experiment's error."""
+        queue, store = self.service.queue, self.service.store
         completed: list[tuple[str, str, int]] = []
         failed: list[tuple[str, str]] = []
         by_id = {j.id: j for j in jobs}
@@ -225,6 +280,104 @@ class Worker:
             counts["failed"] += more["failed"]
         self._count(counts)
         blog.info("bundle finished", seconds=round(time.time() - started, 3), **counts)
+
+    # -- NDIF bundles ---------------------------------------------------------------------
+
+    def _reattach(self) -> None:
+        """Take over bundles already at NDIF whose worker died, and wait for them by id."""
+        for bundle, held in self.remote.take_over(self.id, self.settings.lease_s):
+            log.info("re-attaching to an NDIF request", bundle=bundle.id, remote_job=bundle.remote_job_id,
+                     jobs=len(held))
+            self.remote.record_status(bundle.id, "REATTACHED", f"worker {self.id}")
+            self._await_remote(held[0].model, bundle.id, bundle.remote_job_id, held, bundle.deadline)
+
+    def _run_remote_bundle(self, model: str, jobs: list[Any]) -> None:
+        from .backends.ndif import Rejected, Transient
+
+        queue = self.service.queue
+        job_ids = [j.id for j in jobs]
+        bundle_id = queue.start_bundle(self.id, "ndif", jobs[0].model_key, job_ids)
+        blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend="ndif")
+        backend = self._backend("ndif")
+        specs = [JobSpec(j.id, j.experiment, json.loads(j.params)) for j in jobs]
+        try:
+            with _Heartbeat(self.service, self.id, job_ids):
+                remote_id, payload = backend.submit(model_from_key(model), specs)
+        except Rejected as exc:
+            blog.error("NDIF refused the bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
+            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
+            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            return
+        except (Transient, NdifJobsError, OSError) as exc:
+            self._retry_later(jobs, bundle_id, f"{type(exc).__name__}: {exc}", blog)
+            return
+        deadline = time.time() + self.settings.bundle_deadline_s
+        self.remote.mark_submitted(self.id, bundle_id, remote_id, job_ids, deadline, payload)
+        blog.info("bundle submitted to NDIF", remote_job=remote_id, payload_bytes=payload)
+        self._await_remote(model, bundle_id, remote_id, jobs, deadline)
+
+    def _await_remote(self, model: str, bundle_id: str, remote_id: str, jobs: list[Any], deadline: float | None) -> None:
+        from .backends.ndif import Rejected, RemoteJobError, Transient
+
+        queue = self.service.queue
+        job_ids = [j.id for j in jobs]
+        blog = log.bind(bundle=bundle_id, remote_job=remote_id, jobs=len(jobs), backend="ndif")
+        backend = self._backend("ndif")
+
+        def on_status(status: Any) -> None:
+            self.remote.record_status(bundle_id, status.status, status.description)
+            blog.info("NDIF status", status=status.status, description=status.description[:200])
+
+        try:
+            with _Heartbeat(self.service, self.id, job_ids):
+                outcomes = backend.wait(remote_id, job_ids, deadline, on_status,
+                                        should_stop=self._stopping.is_set)
+        except Rejected as exc:
+            blog.error("NDIF cannot run this bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
+            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
+            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            return
+        except RemoteJobError as exc:
+            self._isolate(model, bundle_id, jobs, str(exc), blog)
+            return
+        except Transient as exc:
+            if self._stopping.is_set():
+                # Leave the jobs `submitted` with their leases: the next worker re-attaches by id.
+                blog.info("stopping: the bundle stays at NDIF for the next worker to re-attach")
+                return
+            self._retry_later(jobs, bundle_id, str(exc), blog)
+            return
+        if outcomes is None:
+            reason = f"no answer from NDIF job {remote_id} by the deadline: sent again"
+            blog.warning(reason)
+            self.remote.abandon(bundle_id, reason)
+            self._count(queue.finish(self.id, failed=[(j, reason) for j in job_ids], retry_delay_s=0.0))
+            return
+        self._store_outcomes(bundle_id, jobs, outcomes, blog, time.time())
+
+    def _isolate(self, model: str, bundle_id: str, jobs: list[Any], message: str, blog: Any) -> None:
+        """NDIF answered ERROR for the whole request: halve the bundle until the culprit is alone."""
+        queue = self.service.queue
+        short = message.strip().splitlines()[-1][:500] if message.strip() else "NDIF reported an error"
+        if len(jobs) == 1:
+            blog.warning("NDIF error isolated to one job", job=jobs[0].id, error=short)
+            self._count({"failed": queue.fail_permanently(self.id, [(jobs[0].id, f"NDIF: {short}")], bundle_id)})
+            queue.finish(self.id, bundle_id=bundle_id, bundle_error=short)
+            return
+        blog.warning("NDIF error for the bundle: splitting it to find the job at fault", error=short)
+        queue.finish(self.id, bundle_id=bundle_id, bundle_error=f"split after NDIF error: {short}")
+        half = len(jobs) // 2
+        for part in (jobs[:half], jobs[half:]):
+            self._run_remote_bundle(model, part)
+
+    def _retry_later(self, jobs: list[Any], bundle_id: str, message: str, blog: Any) -> None:
+        message = scrub(message.splitlines()[0] if message else "failed")
+        blog.warning("bundle will be retried", error=message)
+        counts = self.service.queue.finish(
+            self.id, failed=[(j.id, message) for j in jobs], bundle_id=bundle_id, bundle_error=message,
+            retry_delay_s=self._retry_delay(max(j.attempts for j in jobs)),
+        )
+        self._count(counts)
 
     def _count(self, counts: dict[str, int]) -> None:
         self.stats.bundles += 1

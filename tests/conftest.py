@@ -143,3 +143,70 @@ def postgres_url() -> str:
         conn.execute(text("DROP TABLE IF EXISTS attempts, jobs, bundles, alembic_version CASCADE"))
     engine.dispose()
     return POSTGRES_URL
+
+
+# -- the real NDIF server (scripts/ndif-local), one private stack per test session -------------------
+
+NDIF_SCRIPT = REPO / "scripts" / "ndif-local"
+NDIF_SHARED_ROOT = Path(os.environ.get("NDIF_LOCAL_ROOT") or REPO / ".ndif-local")
+
+
+def _free_port_block(size: int = 100) -> int:
+    import socket
+
+    for base in range(21000, 40000, size):
+        free = True
+        for port in range(base, base + size):
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return base
+    raise RuntimeError("no free block of ports for a local NDIF")
+
+
+class LocalNdif:
+    """A running local NDIF: its address, client environment, and fault-injection handles."""
+
+    def __init__(self, root: Path, port: int, env: dict[str, str]) -> None:
+        self.root, self.port, self.env = root, port, env
+        self.host = f"http://127.0.0.1:{port}"
+
+    def harness(self, *args: str, extra: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(NDIF_SCRIPT), *args], env={**self.env, **(extra or {})},
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"ndif-local {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def requests(self) -> int:
+        """POST /request answered 200 by the server so far (its access log)."""
+        return int(self.harness("requests", "--status", "200").stdout.strip())
+
+    def client_env(self, base: dict[str, str], host: str | None = None) -> dict[str, str]:
+        return {**base, "NDIF_HOST": host or self.host, "HF_HOME": str(self.root / "hf_home"),
+                "HF_HUB_OFFLINE": "1", "NDIF_JOBS_ALLOW_HTTP_LOOPBACK": "1"}
+
+
+@pytest.fixture(scope="session")
+def local_ndif(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real NDIF 0.1.2 server with the embedded model deployed as `local/smollm2`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NDIF_", "HF_HOME"))}
+    setup = subprocess.run([sys.executable, str(NDIF_SCRIPT), "setup", "--root", str(NDIF_SHARED_ROOT)],
+                           env=env, capture_output=True, text=True, timeout=1200)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    root = tmp_path_factory.mktemp("ndif-local")
+    env.update(NDIF_LOCAL_ROOT=str(root), NDIF_LOCAL_PORT=str(_free_port_block()),
+               NDIF_LOCAL_VENV=str(NDIF_SHARED_ROOT / "venv"),
+               NDIF_LOCAL_MODEL_DIR=str(NDIF_SHARED_ROOT / "models" / "smollm2"))
+    stack = LocalNdif(root, int(env["NDIF_LOCAL_PORT"]), env)
+    stack.harness("setup", timeout=300)
+    try:
+        stack.harness("start", timeout=600)
+        yield stack
+    finally:
+        subprocess.run([sys.executable, str(NDIF_SCRIPT), "stop"], env=env, capture_output=True, timeout=180)

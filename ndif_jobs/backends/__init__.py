@@ -14,7 +14,9 @@ def get_backend(name: str, settings) -> Backend:  # type: ignore[no-untyped-def]
 
         return LocalBackend(settings)
     if name == "ndif":
-        raise BadInput("the ndif backend is not available in this version yet: run with --backend local")
+        from .ndif import NdifBackend
+
+        return NdifBackend(settings)
     raise BadInput(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
 
 

@@ -43,7 +43,10 @@ JOB_STATES = (QUEUED, CLAIMED, SUBMITTED, RUNNING, COMPLETED, CACHED, FAILED, CA
 ACTIVE_VALUES = frozenset({QUEUED, CLAIMED, SUBMITTED, RUNNING})
 DONE_VALUES = frozenset({COMPLETED, CACHED})
 #: States a job is in while some worker holds it.
-HELD_STATES = (CLAIMED, RUNNING)
+HELD_STATES = (CLAIMED, RUNNING, SUBMITTED)
+#: Held states whose work lives only in the worker: an expired lease sends them back to the queue.
+#: A `submitted` job's work is at NDIF: another worker re-attaches to it by NDIF job id instead.
+LOCAL_HELD_STATES = (CLAIMED, RUNNING)
 
 #: The columns of each table, in `tables.py`'s order (checked when `tables` is loaded).
 JOB_COLUMNS = (
@@ -153,7 +156,8 @@ def _q(names: Iterable[str]) -> str:
 
 
 _JOBS = _q(JOB_COLUMNS)
-_HELD = f"state IN ('{CLAIMED}', '{RUNNING}')"
+_HELD = f"state IN ('{CLAIMED}', '{RUNNING}', '{SUBMITTED}')"
+_LOCAL_HELD = f"state IN ('{CLAIMED}', '{RUNNING}')"
 _ACTIVE_SQL = ", ".join(f"'{s}'" for s in (QUEUED, CLAIMED, SUBMITTED, RUNNING))
 _DONE_SQL = f"'{COMPLETED}', '{CACHED}'"
 
@@ -168,7 +172,7 @@ INSERT_JOB = f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) VALUES ({', '.join('?' *
 EXISTING_BY_KEY = 'SELECT id, "key", state, result_key FROM jobs WHERE "key" {keys}'
 REQUEUE_EXPIRED = (
     f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
-    f" WHERE {_HELD} AND lease_expires_at < ?"
+    f" WHERE {_LOCAL_HELD} AND lease_expires_at < ?"
 )
 # One statement takes the jobs and returns them: highest priority, then oldest, first.
 CLAIM = (
@@ -208,7 +212,7 @@ START_ATTEMPTS = "UPDATE attempts SET bundle_id = ? WHERE job_id {ids} AND finis
 RENEW = f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id {{ids}} AND lease_owner = ? AND {_HELD}"
 RELEASE = (
     f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL,"
-    f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_HELD}{{ids}}"
+    f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_LOCAL_HELD}{{ids}}"
 )
 RELEASE_ATTEMPTS = (
     "UPDATE attempts SET finished_at = ?, outcome = 'released' WHERE job_id IN"

@@ -256,3 +256,21 @@ def _run_stage(
         if not isinstance(collected, Failure):
             collected.append(kept[i])
     return out
+
+
+def run_bundle(model: Any, jobs: list[tuple[str, Callable[..., Any], dict]], max_invokes: int = 32) -> dict[str, Any]:
+    """The body of one NDIF request: every job of a bundle, with plain data coming back.
+
+    A job that raised comes back as `{"$error": message, "$detail": traceback}` (an instance of
+    a class shipped by value could not be unpickled by the client), so one experiment's error
+    fails its own job, not the request.
+    """
+    with torch.no_grad():
+        raw = run_jobs(model, jobs, max_invokes=max_invokes)
+    out: dict[str, Any] = {}
+    for job_id, value in raw.items():
+        if isinstance(value, Failure):
+            out[job_id] = {"$error": value.message, "$detail": value.detail[-4000:]}
+        else:
+            out[job_id] = value
+    return out

@@ -1,0 +1,412 @@
+"""The NDIF backend: one non-blocking `model.session(remote=True)` request per bundle.
+
+A bundle's experiments travel as ONE nnsight session: nnsight serializes the session body (a
+call of `runtime.run_bundle` over every job) with our experiment code shipped by value, and
+names the model by its key. We POST that payload ourselves, over httpx with nnsight's wire
+format, so we can tell the server's answers apart: a 503 or a dropped connection is worth a
+retry, a 401 is not. Then we poll `GET /response/{id}` (recording every status), download the
+result as soon as it is COMPLETED (its URL expires after an hour), check it, and unpickle it,
+which we do only for answers from the configured NDIF host.
+
+Errors, by what a retry can do about them:
+* `Transient`: connection refused or dropped, timeouts, HTTP 5xx, 429, a truncated or corrupt
+  download. Retried with exponential backoff and jitter (tenacity).
+* `Rejected`: the API key (401/400/403), the version gate (400), a malformed request (422),
+  "Could not deploy this model". No retry: the message says what to do.
+* `RemoteJobError`: the request ran and NDIF answered ERROR. The worker splits the bundle to
+  find the job at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
+
+from .. import experiments
+from ..errors import BadInput, NdifJobsError
+from ..logging import get_logger, scrub
+from ..models import ModelRef
+from ..settings import Settings
+from .base import JobOutcome, JobSpec
+
+log = get_logger("ndif_jobs.ndif")
+
+FINAL = ("COMPLETED", "ERROR")
+
+
+class Transient(NdifJobsError):
+    """Worth another try: the network, the server's load, a broken download."""
+
+
+class Rejected(NdifJobsError):
+    """No retry can fix it: the message says what the user must do."""
+
+
+class RemoteJobError(NdifJobsError):
+    """NDIF ran the request and answered ERROR (the description is NDIF's)."""
+
+
+@dataclass
+class Status:
+    status: str
+    description: str = ""
+    data: Any = None
+    meta: dict | None = None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_host(url: str, allow_http_loopback: bool) -> str:
+    """https anywhere, or plain http to this machine only when explicitly allowed."""
+    parsed = urlparse(url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return url.rstrip("/")
+    if parsed.scheme == "http" and parsed.hostname and _is_loopback(parsed.hostname):
+        if allow_http_loopback:
+            return url.rstrip("/")
+        raise BadInput(
+            f"NDIF_HOST {url} is plain http: allow it for a local NDIF with NDIF_JOBS_ALLOW_HTTP_LOOPBACK=1"
+        )
+    raise BadInput(f"NDIF_HOST {url!r} must be an https:// URL (or http:// to a local NDIF on loopback)")
+
+
+def _detail(response: Any) -> str:
+    try:
+        body = response.json()
+        detail = body.get("detail") if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    return scrub(str(detail or response.reason_phrase or "")).strip()[:500]
+
+
+def classify(response: Any, action: str) -> NdifJobsError:
+    """The error a non-2xx answer stands for, with what to do about it."""
+    code, detail = response.status_code, _detail(response)
+    if code in (401, 403) or (code == 400 and "key" in detail.lower()):
+        return Rejected(
+            f"NDIF refused the API key ({code}: {detail}): set NDIF_API_KEY to a valid key "
+            "(get one at https://login.ndif.us), then `ndif-jobs retry` the failed jobs"
+        )
+    if code == 400:
+        return Rejected(
+            f"NDIF refused the request ({code}: {detail}): if it names a version, upgrade nnsight/python "
+            "to what the server requires, then `ndif-jobs retry` the failed jobs"
+        )
+    if code == 429 or code >= 500:
+        return Transient(f"NDIF answered {code} while trying to {action}: {detail}")
+    return Rejected(f"NDIF answered {code} while trying to {action}: {detail}")
+
+
+class NdifClient:
+    """HTTP to one NDIF API, with retries for what a retry can fix."""
+
+    def __init__(self, settings: Settings) -> None:
+        import httpx
+
+        self.settings = settings
+        self.host = check_host(settings.ndif_host, settings.allow_http_loopback)
+        key = settings.ndif_api_key.get_secret_value() if settings.ndif_api_key else ""
+        self._key = key
+        self._http = httpx.Client(timeout=httpx.Timeout(settings.http_timeout_s, connect=10.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            retry=retry_if_exception_type(Transient),
+            wait=wait_random_exponential(multiplier=self.settings.retry_backoff_s / 2 or 0.01,
+                                         max=self.settings.retry_backoff_max_s),
+            stop=stop_after_attempt(self.settings.http_retries) | stop_after_delay(self.settings.http_retry_max_s),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "retrying NDIF", attempt=state.attempt_number, error=str(state.outcome.exception())
+            ),
+        )
+
+    def _call(self, method: str, url: str, action: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise Transient(f"cannot reach NDIF at {self.host} to {action}: {type(exc).__name__}: {exc}") from None
+        return response
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "ndif-timestamp": repr(time.time()),
+            "nnsight-version": package_version("nnsight"),
+            "python-version": sys.version,
+        }
+        if self._key:
+            headers["ndif-api-key"] = self._key
+        return headers
+
+    def submit(self, model_key: str, blob: bytes, compress: bool) -> str:
+        """POST one request; returns NDIF's job id."""
+        metadata = json.dumps({"model_key": model_key, "session_id": "", "compress": compress, "env": {}})
+
+        def once() -> str:
+            response = self._call(
+                "POST", f"{self.host}/request", "submit a request",
+                data={"data": metadata}, files={"blob": ("request", blob, "application/octet-stream")},
+                headers=self._headers(),
+            )
+            if response.status_code >= 300:
+                raise classify(response, "submit a request")
+            try:
+                body = response.json()
+                return str(body["id"])
+            except (ValueError, KeyError, TypeError):
+                raise Transient(f"NDIF answered the submission with something unreadable: {response.text[:200]!r}") from None
+
+        return self._retrying()(once)
+
+    def status(self, remote_id: str) -> Status | None:
+        """The job's latest status, or None while NDIF has none recorded yet (404)."""
+
+        def once() -> Status | None:
+            response = self._call("GET", f"{self.host}/response/{remote_id}", "poll a request",
+                                  headers={"ndif-api-key": self._key} if self._key else None)
+            if response.status_code == 404:
+                return None
+            if response.status_code >= 300:
+                raise classify(response, "poll a request")
+            try:
+                body = response.json()
+                return Status(str(body["status"]).upper(), str(body.get("description") or ""), body.get("data"),
+                              body.get("meta"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise Transient(f"NDIF answered a poll with something unreadable: {response.text[:200]!r}") from None
+
+        return self._retrying()(once)
+
+    def download(self, url: str) -> bytes:
+        """The result blob, whole: a short read is an error, not a result."""
+        import httpx
+
+        def once() -> bytes:
+            buffer = io.BytesIO()
+            try:
+                with self._http.stream("GET", url) as response:
+                    if response.status_code >= 300:
+                        if response.status_code in (403, 404):
+                            raise Rejected(f"the result URL no longer works ({response.status_code}): it expired")
+                        raise Transient(f"downloading the result: HTTP {response.status_code}")
+                    expected = response.headers.get("Content-Length")
+                    for chunk in response.iter_bytes(1 << 20):
+                        buffer.write(chunk)
+            except httpx.TransportError as exc:
+                raise Transient(f"downloading the result broke off: {type(exc).__name__}: {exc}") from None
+            data = buffer.getvalue()
+            if expected is not None and int(expected) != len(data):
+                raise Transient(f"downloading the result: got {len(data)} of {expected} bytes")
+            return data
+
+        return self._retrying()(once)
+
+    def deployments(self) -> dict[str, Any]:
+        def once() -> dict[str, Any]:
+            response = self._call("GET", f"{self.host}/status", "list models")
+            if response.status_code >= 300:
+                raise classify(response, "list models")
+            try:
+                body = response.json()
+            except ValueError:
+                raise Transient(f"NDIF answered /status with something unreadable: {response.text[:200]!r}") from None
+            return body.get("deployments") or {} if isinstance(body, dict) else {}
+
+        return self._retrying()(once)
+
+
+def _is_eviction(message: str) -> bool:
+    lowered = message.lower()
+    return "evicted" in lowered or "try again later" in lowered
+
+
+def decode_result(content: bytes, compressed: bool) -> dict[str, Any]:
+    """Decompress and unpickle a result blob (only ever called on answers from NDIF_HOST)."""
+    import torch
+
+    if compressed:
+        import zstandard
+
+        try:
+            content = zstandard.ZstdDecompressor().decompress(content)
+        except zstandard.ZstdError as exc:
+            raise Transient(f"the result is corrupt (zstd: {exc})") from None
+    try:
+        value = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken blob
+        raise Transient(f"the result is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(value, dict):
+        raise Transient(f"the result is not a dict of saves but {type(value).__name__}")
+    return value
+
+
+# -- building the request ------------------------------------------------------------------------------
+
+
+_meta_models: dict[str, Any] = {}
+
+
+def meta_model(ref: ModelRef) -> Any:
+    """An nnsight model with no weights (from the locally cached config and tokenizer)."""
+    if ref.model_key in _meta_models:
+        return _meta_models[ref.model_key]
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    from ..models import quiet_transformers
+
+    quiet_transformers()
+    kwargs = {"revision": ref.revision} if ref.revision else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, **kwargs)
+        model = TransformersModel(ref.location, tokenizer=tokenizer, task="text-generation", **kwargs)
+    except OSError as exc:
+        raise BadInput(
+            f"cannot build {ref.spec} without weights: its config and tokenizer are not cached here "
+            f"({str(exc).splitlines()[0]}); fetch them once with network access"
+        ) from None
+    _meta_models[ref.model_key] = model
+    return model
+
+
+def serialize_bundle(model: Any, work: list[tuple[str, Callable[..., Any], dict]], model_key: str,
+                     max_invokes: int, compress: bool = True) -> bytes:
+    """The request payload: a session running `run_bundle` over every job, serialized by nnsight."""
+    import nnsight
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    from ..experiments.runtime import run_bundle
+
+    # Our package is not installed on NDIF: its code travels with the request, by value.
+    nnsight.register("ndif_jobs")
+
+    class Capture(RemoteBackend):
+        blob: bytes = b""
+
+        def __call__(self, tracer: Any = None) -> None:
+            self.blob = self._serialize(tracer)
+            return None
+
+    capture = Capture(model_key, host="https://capture.invalid", blocking=False)
+    capture.compress = compress
+    with model.session(backend=capture):
+        results = nnsight.save(run_bundle(model, work, max_invokes))  # noqa: F841 - read back on NDIF
+    return capture.blob
+
+
+def split_results(saves: dict[str, Any], job_ids: list[str]) -> dict[str, JobOutcome]:
+    results = saves.get("results")
+    if not isinstance(results, dict):
+        raise Transient("the result holds no `results` dict: not an ndif-jobs bundle")
+    out: dict[str, JobOutcome] = {}
+    for job_id in job_ids:
+        value = results.get(job_id)
+        if value is None:
+            out[job_id] = JobOutcome(error="NDIF's answer has no result for this job")
+        elif isinstance(value, dict) and "$error" in value:
+            out[job_id] = JobOutcome(error=str(value["$error"]), detail=str(value.get("$detail", "")))
+        elif isinstance(value, dict):
+            out[job_id] = JobOutcome(result=value)
+        else:
+            out[job_id] = JobOutcome(error=f"the experiment returned {type(value).__name__}, not a dict")
+    return out
+
+
+class NdifBackend:
+    """Submits bundles to NDIF and waits for them (the worker records what happens between)."""
+
+    name = "ndif"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = NdifClient(settings)
+        self.compress = True
+
+    def submit(self, model: ModelRef, jobs: list[JobSpec]) -> tuple[str, int]:
+        """Send one bundle; returns (NDIF job id, payload bytes)."""
+        if model.kind != "hub":
+            raise Rejected(f"model {model.spec!r} is local: only Hugging Face repo ids run on NDIF")
+        nn_model = meta_model(model)
+        work = [(job.job_id, experiments.get(job.experiment).function(), job.params) for job in jobs]
+        blob = serialize_bundle(nn_model, work, model.model_key, self.settings.max_invokes, self.compress)
+        return self.client.submit(model.model_key, blob, self.compress), len(blob)
+
+    def wait(
+        self, remote_id: str, job_ids: list[str], deadline: float | None,
+        on_status: Callable[[Status], None], should_stop: Callable[[], bool] = lambda: False,
+    ) -> dict[str, JobOutcome] | None:
+        """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop."""
+        delay = self.settings.poll_min_s
+        last: str | None = None
+        evicted_at: float | None = None
+        while True:
+            if deadline is not None and time.time() > deadline:
+                return None
+            if should_stop():
+                raise Transient("the worker is stopping")
+            status = self.client.status(remote_id)
+            if status is not None and (status.status, status.description) != last:
+                last = (status.status, status.description)  # type: ignore[assignment]
+                on_status(status)
+            if status is not None and status.status == "ERROR":
+                message = scrub(status.description.strip()) or "NDIF reported an error"
+                if "could not deploy" in message.lower():
+                    raise Rejected(f"NDIF could not deploy this model: {message.splitlines()[-1][:300]}")
+                if _is_eviction(message):
+                    # The replica was evicted (e.g. the API restarted); the model may still finish
+                    # the request, and NDIF then reports COMPLETED after this ERROR.
+                    evicted_at = evicted_at or time.time()
+                    if time.time() - evicted_at > self.settings.eviction_grace_s:
+                        raise Transient(f"NDIF evicted the request: {message.splitlines()[0][:200]}")
+                else:
+                    raise RemoteJobError(message)
+            if status is not None and status.status == "COMPLETED":
+                return self._fetch(status, job_ids)
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.settings.poll_max_s)
+
+    def _fetch(self, status: Status, job_ids: list[str]) -> dict[str, JobOutcome]:
+        data = status.data
+        attempts = max(self.settings.http_retries, 1)
+        for attempt in range(1, attempts + 1):
+            if isinstance(data, str) and data.startswith(("http://", "https://")):
+                content = self.client.download(data)
+            elif isinstance(data, (bytes, bytearray)):
+                content = bytes(data)
+            else:
+                raise Transient("NDIF said COMPLETED without a result")
+            try:
+                return split_results(decode_result(content, self.compress), job_ids)
+            except Transient:
+                if attempt == attempts:
+                    raise
+                log.warning("the downloaded result was corrupt: downloading it again", attempt=attempt)
+        raise Transient("unreachable")
+
+    def run_bundle(self, model: ModelRef, jobs: list[JobSpec]) -> dict[str, JobOutcome]:
+        """Submit and wait in one call (for scripts; the worker records the id in between)."""
+        remote_id, _ = self.submit(model, jobs)
+        deadline = time.time() + self.settings.bundle_deadline_s
+        out = self.wait(remote_id, [j.job_id for j in jobs], deadline, on_status=lambda s: None)
+        if out is None:
+            raise Transient(f"NDIF job {remote_id} passed its deadline")
+        return out

@@ -1,0 +1,130 @@
+"""Bundles sent to NDIF: their NDIF job ids, status history, and re-attaching after a crash.
+
+NDIF has no idempotency (a second POST is a second job), so the NDIF job id is committed on the
+bundle row, and its jobs moved to `submitted`, right after the POST and before the worker waits.
+A worker that dies leaves `submitted` jobs whose leases run out; the next worker (or the same
+one restarted) takes them over here and polls NDIF by that id instead of sending them again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import Engine, and_, select, update
+
+from .engine import write_transaction
+from .tables import BundleState, JobState, bundles, jobs, now
+
+
+class RemoteBundles:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def mark_submitted(
+        self, worker: str, bundle_id: str, remote_job_id: str, job_ids: list[str], deadline: float | None,
+        payload_bytes: int | None = None,
+    ) -> None:
+        t = now()
+        with write_transaction(self.engine) as conn:
+            history = self._history(conn, bundle_id)
+            history.append({"status": "SUBMITTED", "at": t, "description": f"NDIF job {remote_job_id}"})
+            conn.execute(
+                update(bundles)
+                .where(bundles.c.id == bundle_id)
+                .values(
+                    state=BundleState.SUBMITTED.value,
+                    remote_job_id=remote_job_id,
+                    submitted_at=t,
+                    deadline=deadline,
+                    payload_bytes=payload_bytes,
+                    status_history=json.dumps(history),
+                )
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(job_ids), jobs.c.lease_owner == worker)
+                .values(state=JobState.SUBMITTED.value, bundle_id=bundle_id, updated_at=t)
+            )
+
+    def record_status(self, bundle_id: str, status: str, description: str = "") -> bool:
+        """Append a status to the bundle's history when it differs from the last one."""
+        t = now()
+        with write_transaction(self.engine) as conn:
+            history = self._history(conn, bundle_id)
+            last = history[-1] if history else {}
+            if last.get("status") == status and last.get("description", "") == description:
+                return False
+            history.append({"status": status, "at": t, "description": description[:500]})
+            conn.execute(
+                update(bundles).where(bundles.c.id == bundle_id).values(status_history=json.dumps(history[-200:]))
+            )
+        return True
+
+    def set_result_bytes(self, bundle_id: str, size: int) -> None:
+        with write_transaction(self.engine) as conn:
+            conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(result_bytes=size))
+
+    def abandon(self, bundle_id: str, reason: str) -> None:
+        """Give up on a request (deadline passed): a late answer for it is ignored."""
+        t = now()
+        with write_transaction(self.engine) as conn:
+            history = self._history(conn, bundle_id)
+            history.append({"status": "ABANDONED", "at": t, "description": reason})
+            conn.execute(
+                update(bundles)
+                .where(bundles.c.id == bundle_id)
+                .values(state=BundleState.ABANDONED.value, finished_at=t, error=reason, status_history=json.dumps(history))
+            )
+
+    def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[Any, list[Any]]]:
+        """Submitted bundles whose worker stopped renewing its leases, now leased to `worker`."""
+        t = now()
+        out = []
+        with write_transaction(self.engine) as conn:
+            orphaned = conn.execute(
+                select(jobs.c.bundle_id)
+                .where(jobs.c.state == JobState.SUBMITTED.value, jobs.c.lease_expires_at < t)
+                .group_by(jobs.c.bundle_id)
+                .limit(limit)
+            ).scalars().all()
+            for bundle_id in orphaned:
+                bundle = conn.execute(select(bundles).where(bundles.c.id == bundle_id)).first()
+                if bundle is None or bundle.remote_job_id is None:
+                    continue
+                conn.execute(
+                    update(jobs)
+                    .where(and_(jobs.c.bundle_id == bundle_id, jobs.c.state == JobState.SUBMITTED.value))
+                    .values(lease_owner=worker, lease_expires_at=t + lease_s, updated_at=t)
+                )
+                held = conn.execute(
+                    select(jobs).where(jobs.c.bundle_id == bundle_id, jobs.c.state == JobState.SUBMITTED.value)
+                ).all()
+                conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(worker=worker))
+                out.append((bundle, held))
+        return out
+
+    def hand_back(self, worker: str) -> int:
+        """A stopping worker's `submitted` jobs: leases ended now, so the next worker re-attaches at once."""
+        t = now()
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.lease_owner == worker, jobs.c.state == JobState.SUBMITTED.value)
+                .values(lease_expires_at=t, updated_at=t)
+            )
+        return result.rowcount or 0
+
+    def rebind(self, job_id: str, **values: Any) -> None:
+        """Point a held job at another backend/model (and so another cache key)."""
+        with write_transaction(self.engine) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=now(), **values))
+
+    @staticmethod
+    def _history(conn: Any, bundle_id: str) -> list[dict[str, Any]]:
+        raw = conn.execute(select(bundles.c.status_history).where(bundles.c.id == bundle_id)).scalar()
+        try:
+            history = json.loads(raw or "[]")
+        except ValueError:
+            history = []
+        return history if isinstance(history, list) else []

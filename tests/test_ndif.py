@@ -1,0 +1,224 @@
+"""The ndif backend against the real NDIF server (scripts/ndif-local), driven by the real client.
+
+Every test here sends real HTTP to a real NDIF 0.1.2 API process, whose real model replica runs
+the experiments. Faults NDIF never makes by itself (503, 429, dropped connections, truncated or
+corrupt downloads) come from a proxy in between (tests/faultproxy.py); the rest (errors inside
+an experiment, a killed worker, the version gate) are the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO, run_cli
+from .faultproxy import FaultProxy
+
+pytestmark = [pytest.mark.ndif, pytest.mark.slow]
+
+MODEL = "local/smollm2"
+
+JOBS = [
+    ("logit-lens", {"prompt": "The capital of France is", "layers": [0, 15, 29], "top_k": 3}),
+    ("logit-lens", {"prompt": "The Eiffel Tower is in the city of", "layers": [29], "top_k": 3}),
+    ("activations", {"prompt": "The capital of France is", "layers": [0, 10, 20, 29], "top_k": 5}),
+    ("activations", {"prompt": "Hello there", "layers": [5], "top_k": 2}),
+    ("patching", {"clean_prompt": "The Eiffel Tower is in the city of", "corrupted_prompt": "The Colosseum is in the city of",
+                  "answer": " Paris", "wrong_answer": " Rome", "layers": [0, 15, 29], "position": -1}),
+    ("steering", {"positive_prompt": "I love this movie", "negative_prompt": "I hate this movie", "prompt": "This restaurant is",
+                  "layer": 6, "coefficient": 3.0, "top_k": 3}),
+]
+
+
+def submit_all(env: dict[str, str], jobs=JOBS, backend: str = "ndif", model: str = MODEL) -> list[str]:  # type: ignore[no-untyped-def]
+    ids = []
+    for name, params in jobs:
+        args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items()]
+        cmd = ["submit", name, "-b", backend, "-m", model, "--json", "--force"]
+        for a in args:
+            cmd += ["-p", a]
+        ids.append(json.loads(run_cli(*cmd, env=env, check=True).stdout)["id"])
+    return ids
+
+
+def values(env: dict[str, str], job_id: str) -> dict:
+    return json.loads(run_cli("results", job_id, "--json", env=env, check=True).stdout)["values"]
+
+
+def result_folders(home: Path) -> list[Path]:
+    return [p.parent for p in (home / "results").rglob("manifest.json")]
+
+
+@pytest.fixture
+def ndif_env(env, local_ndif):  # type: ignore[no-untyped-def]
+    return local_ndif.client_env(env)
+
+
+def test_queue_through_ndif_equals_local_in_few_requests(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
+    before = local_ndif.requests()
+    ids = submit_all({**ndif_env, "NDIF_JOBS_MAX_BUNDLE": "4"})
+    run_cli("worker", "--until-empty", "--max-bundle", "4", env=ndif_env, check=True, timeout=600)
+    assert local_ndif.requests() - before == math.ceil(len(JOBS) / 4)
+    for job_id in ids:
+        shown = json.loads(run_cli("show", job_id, "--json", env=ndif_env, check=True).stdout)
+        assert shown["state"] == "completed", shown
+        statuses = [s["status"] for s in shown["bundle"]["status_history"]]
+        assert statuses[0] == "SUBMITTED" and statuses[-1] == "COMPLETED" and shown["bundle"]["remote_job_id"]
+
+    # The same experiments on the local backend and the embedded model (the same weights).
+    local_env = {**ndif_env, "NDIF_JOBS_HOME": str(home.parent / "local-home")}
+    local_ids = submit_all(local_env, backend="local", model="smollm2-135m")
+    run_cli("worker", "--until-empty", env=local_env, check=True, timeout=600)
+    for remote_id, local_id, (name, _) in zip(ids, local_ids, JOBS):
+        a, b = values(ndif_env, remote_id), values(local_env, local_id)
+        assert a.keys() == b.keys()
+        for field in a:
+            if field.endswith(("_ids", "layers")) or field in ("top_tokens", "steered_top_tokens", "answer_id", "wrong_answer_id"):
+                assert a[field] == b[field], (name, field)
+            elif isinstance(a[field], (list, float)):
+                assert torch.allclose(torch.tensor(a[field]), torch.tensor(b[field]), atol=2e-4, rtol=1e-4), (name, field)
+
+
+def test_transient_faults_are_survived(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
+    proxy = FaultProxy(local_ndif.host).start()
+    try:
+        env = local_ndif.client_env(ndif_env, host=proxy.url)
+        env.update(NDIF_JOBS_RETRY_BACKOFF_S="0.05", NDIF_JOBS_RETRY_BACKOFF_MAX_S="0.2", NDIF_JOBS_HTTP_RETRIES="8")
+        ids = submit_all(env, jobs=JOBS[:3])
+        proxy.inject("submit", "503", times=2)
+        proxy.inject("submit", "429")
+        proxy.inject("submit", "drop")  # connection dropped before the request reached NDIF
+        proxy.inject("poll", "503")
+        proxy.inject("poll", "drop")
+        proxy.inject("poll", "garbage")
+        proxy.inject("download", "truncate")
+        proxy.inject("download", "corrupt")
+        before = local_ndif.requests()
+        run_cli("worker", "--until-empty", env=env, check=True, timeout=600)
+        assert local_ndif.requests() - before == 1  # the faulted POSTs never reached NDIF
+        assert proxy.injected["download:truncate"] == 1 and proxy.injected["download:corrupt"] == 1
+        for job_id in ids:
+            shown = json.loads(run_cli("show", job_id, "--json", env=env, check=True).stdout)
+            assert shown["state"] == "completed" and shown["attempts"] == 1
+        assert len(result_folders(home)) == len(ids)  # nothing stored twice
+        assert run_cli("verify", env=env).returncode == 0
+    finally:
+        proxy.stop()
+
+
+BOOM = '''
+import threading
+from ndif_jobs import experiment, Params
+
+class P(Params):
+    prompt: str
+    explode: bool = False
+
+@experiment("maybe-boom", params=P)
+def maybe_boom(model, p):
+    with model.trace(p["prompt"]):
+        top = model.output.logits[0, -1].argmax().save()
+    if p["explode"]:
+        # Runs fine, but NDIF cannot send a lock back: the whole request ends in ERROR.
+        return {"top": top, "lock": threading.Lock()}
+    return {"top": top}
+'''
+
+
+def test_request_error_is_isolated_by_splitting(ndif_env, local_ndif, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "boom_probe.py").write_text(BOOM)
+    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "boom_probe", "PYTHONPATH": str(tmp_path)}
+    jobs = [("maybe-boom", {"prompt": f"Prompt number {i}", "explode": i == 2}) for i in range(4)]
+    ids = submit_all(env, jobs=jobs)
+    before = local_ndif.requests()
+    run_cli("worker", "--until-empty", env=env, check=True, timeout=600)
+    states = {i: json.loads(run_cli("show", i, "--json", env=env, check=True).stdout) for i in ids}
+    # [0 1 2 3] errs -> [0 1] ok, [2 3] errs -> [2] errs, [3] ok
+    assert local_ndif.requests() - before == 5
+    assert [states[i]["state"] for i in ids] == ["completed", "completed", "failed", "completed"]
+    assert "pickle" in states[ids[2]]["error"] and states[ids[2]]["error"].startswith("NDIF: ")
+    assert states[ids[2]]["attempts"] == 1
+
+
+SLOW = '''
+import time
+from ndif_jobs import experiment, Params
+
+class P(Params):
+    prompt: str
+    seconds: float = 8.0
+
+@experiment("slow-lens", params=P)
+def slow_lens(model, p):
+    time.sleep(p["seconds"])  # runs on NDIF: long enough to kill the worker meanwhile
+    with model.trace(p["prompt"]):
+        top = model.output.logits[0, -1].argmax().save()
+    return {"top": top}
+'''
+
+
+def test_killed_worker_is_reattached_without_resubmitting(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "slow_probe.py").write_text(SLOW)
+    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_LEASE_S": "3"}
+    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is"}),
+                                ("slow-lens", {"prompt": "Hello", "seconds": 0.0})])
+    before = local_ndif.requests()
+    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = sqlite3.connect(home / "queue.db")
+    deadline = time.time() + 120
+    remote = None
+    while time.time() < deadline and remote is None:
+        remote = db.execute("SELECT remote_job_id FROM bundles WHERE remote_job_id IS NOT NULL").fetchone()
+        time.sleep(0.1)
+    assert remote, "the worker never submitted"
+    os.kill(worker.pid, signal.SIGKILL)  # after the POST, before NDIF answers
+    worker.wait()
+    assert db.execute("SELECT count(*) FROM jobs WHERE state = 'submitted'").fetchone()[0] == 2
+    run_cli("worker", "--until-empty", env=env, check=True, timeout=600)
+    assert local_ndif.requests() - before == 1  # re-attached by NDIF job id: no second submission
+    for job_id in ids:
+        shown = json.loads(run_cli("show", job_id, "--json", env=env, check=True).stdout)
+        assert shown["state"] == "completed" and shown["bundle"]["remote_job_id"] == remote[0]
+        assert "REATTACHED" in [s["status"] for s in shown["bundle"]["status_history"]]
+    assert len(result_folders(home)) == 2
+
+
+def test_version_gate_stops_cleanly_with_what_to_do(ndif_env, local_ndif) -> None:  # type: ignore[no-untyped-def]
+    local_ndif.harness("restart-api", "--env", "NDIF_MIN_PYTHON_VERSION=3.99")
+    try:
+        (job,) = submit_all(ndif_env, jobs=JOBS[:1])
+        before = local_ndif.requests()
+        proc = run_cli("worker", "--until-empty", env=ndif_env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        shown = json.loads(run_cli("show", job, "--json", env=ndif_env, check=True).stdout)
+        assert shown["state"] == "failed" and shown["attempts"] == 1  # no retries burnt
+        assert "3.99" in shown["error"] and "retry" in shown["error"]
+        assert local_ndif.requests() == before  # the gate's 400 is not a 200
+    finally:
+        local_ndif.harness("restart-api", "--env", "NDIF_MIN_PYTHON_VERSION=")
+
+
+def test_models_lists_ndif_deployments(ndif_env) -> None:  # type: ignore[no-untyped-def]
+    doc = json.loads(run_cli("models", "--json", env=ndif_env, check=True).stdout)
+    (row,) = [r for r in doc["ndif"] if r["model"] == MODEL]
+    assert row["level"] == "HOT" and row["state"] == "RUNNING"
+    assert any(r["model"] == "smollm2-135m" for r in doc["local"])
+
+
+def test_plain_http_to_a_remote_host_is_refused(ndif_env) -> None:  # type: ignore[no-untyped-def]
+    (job,) = submit_all({**ndif_env}, jobs=JOBS[:1])
+    env = {**ndif_env, "NDIF_HOST": "http://example.org:8011"}
+    proc = run_cli("worker", "--until-empty", env=env, timeout=120)
+    assert proc.returncode == 2 and "must be an https:// URL" in proc.stderr
+    assert json.loads(run_cli("show", job, "--json", env=env).stdout)["state"] == "queued"
