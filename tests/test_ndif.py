@@ -2,7 +2,7 @@
 
 Every test here sends real HTTP to a real NDIF 0.1.2 API process, whose real model replica runs
 the experiments. Faults NDIF never makes by itself (503, 429, dropped connections, truncated or
-corrupt downloads) come from a proxy in between (tests/faultproxy.py); the rest (errors inside
+corrupt downloads) come from a proxy in between (scripts/ndif_local/faultproxy.py); the rest (errors inside
 an experiment, a killed worker, the version gate) are the real thing.
 """
 
@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from .conftest import REPO, run_cli
-from .faultproxy import FaultProxy
+
+sys.path.insert(0, str(REPO / "scripts"))
+from ndif_local.faultproxy import FaultProxy  # noqa: E402
 
 pytestmark = [pytest.mark.ndif, pytest.mark.slow]
 

@@ -7,6 +7,7 @@ proxy forwards every request to the real API and, when told to, answers in their
     proxy = FaultProxy(upstream="http://127.0.0.1:8011").start()
     proxy.inject("submit", "503", times=2)     # the next two POST /request get a 503
     proxy.inject("download", "truncate")       # the next result download is cut short
+    proxy.latency_s["submit"] = 2.0            # every POST /request waits 2 s (queue latency)
 
 Result URLs in COMPLETED answers are rewritten to pass through the proxy as well (NDIF hands
 out presigned object-store URLs), so downloads can be faulted too. Counters say what it saw.
@@ -102,7 +103,40 @@ class FaultProxy:
                 except OSError:
                     pass
 
+            def _tunnel(self) -> None:
+                """A websocket (nnsight's blocking /subscribe): bytes piped both ways, untouched."""
+                import socket
+
+                target = urlparse(proxy.upstream)
+                upstream = socket.create_connection((target.hostname, target.port or 80))
+                head = f"{self.command} {self.path} HTTP/1.1\r\n" + "".join(
+                    f"{k}: {v}\r\n" for k, v in self.headers.items() if k.lower() != "host"
+                ) + f"Host: {target.hostname}:{target.port}\r\n\r\n"
+                upstream.sendall(head.encode())
+                client = self.connection
+
+                def pipe(src: Any, dst: Any) -> None:
+                    try:
+                        while chunk := src.recv(65536):
+                            dst.sendall(chunk)
+                    except OSError:
+                        pass
+                    finally:
+                        for s in (src, dst):
+                            try:
+                                s.shutdown(2)
+                            except OSError:
+                                pass
+
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+                back.start()
+                pipe(client, upstream)
+                back.join()
+                self.close_connection = True
+
             def _handle(self, method: str) -> None:
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    return self._tunnel()
                 kind = self._kind()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
