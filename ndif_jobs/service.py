@@ -68,7 +68,7 @@ class Service:
 
     def prepare(self, sub: Submission) -> Prepared:
         """Validate one submission completely (no database write). Raises `BadInput`."""
-        from . import experiments
+        from . import experiments, preflight
         from .keys import cache_key
         from .models import resolve_model
 
@@ -76,14 +76,21 @@ class Service:
         if not isinstance(sub.params, Mapping):
             raise BadInput("params must be a JSON object of name: value")
         params = exp.validate(dict(sub.params))
-        ref = resolve_model(sub.model or self.settings.default_model)
         backend = sub.backend or self.settings.default_backend
         if backend not in ("local", "ndif"):
             raise BadInput(f"unknown backend {backend!r} (choose from: local, ndif)")
+        spec = sub.model or self.settings.default_model
+        if backend == "local":
+            # Trying an NDIF queue locally first: a remote model runs as its local stand-in.
+            spec = self.settings.local_standins.get(spec, spec)
+        ref = resolve_model(spec)
         if backend == "ndif" and ref.kind != "hub":
             raise BadInput(f"model {ref.spec!r} is not on NDIF: the ndif backend takes a Hugging Face repo id")
         if not -1_000_000 <= sub.priority <= 1_000_000:
             raise BadInput("priority must be between -1000000 and 1000000")
+        estimated = None
+        if exp.target.startswith("ndif_jobs.experiments.builtin:"):
+            estimated = preflight.check(exp.name, params, self._model_config(ref))
         key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, params)
         job = NewJob(
             key=key,
@@ -95,9 +102,18 @@ class Service:
             priority=sub.priority,
             tags=list(sub.tags),
             max_attempts=self.settings.max_attempts,
+            estimated_bytes=estimated,
             force=sub.force,
         )
         return Prepared(new_job=job, ref=ref)
+
+    def _model_config(self, ref: "ModelRef") -> dict[str, Any] | None:
+        cache = self.__dict__.setdefault("_configs", {})
+        if ref.model_key not in cache:
+            from . import preflight
+
+            cache[ref.model_key] = preflight.model_config(ref, self.settings.models_dir)
+        return cache[ref.model_key]
 
     def submit_many(self, subs: Sequence[Submission]) -> list[Enqueued]:
         """Validate every submission first, then queue them all in one transaction."""

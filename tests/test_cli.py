@@ -59,15 +59,17 @@ def test_submit_every_builtin_run_worker_read_results(env) -> None:  # type: ign
     assert "completed" in human and ids["generate"] in human
 
 
-def test_experiment_error_fails_its_job_alone(env) -> None:  # type: ignore[no-untyped-def]
-    good = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", env=env, check=True).stdout)
-    bad = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hello", "-p", "layers=[99]", env=env, check=True).stdout)
+def test_experiment_error_fails_its_job_alone(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A position past the prompt's end is only found when the prompt is tokenized, in the worker.
+    good = json.loads(run_cli("submit", "logit-lens", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", env=env, check=True).stdout)
+    bad = json.loads(run_cli("submit", "logit-lens", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", "-p", "position=40",
+                             env=env, check=True).stdout)
     proc = run_cli("worker", "--until-empty", env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(run_cli("show", good["id"], "--json", env=env).stdout)["state"] == "completed"
     failed = json.loads(run_cli("show", bad["id"], "--json", env=env).stdout)
     assert failed["state"] == "failed"
-    assert "layer 99 is out of range" in failed["error"]
+    assert "position 40 is outside a prompt of" in failed["error"]
     assert failed["attempts"] == 1  # an experiment's own error is not blind-retried
 
 
