@@ -106,13 +106,24 @@ class Worker:
         def handle(signum: int, _frame: Any) -> None:
             if self._stopping.is_set():
                 log.warning("second signal: releasing held jobs and exiting now")
-                self.service.queue.release(self.id)
+                # Release from a thread with a bound: the main thread may hold the database's
+                # write lock right now. Whatever is not released comes back when its lease ends.
+                releaser = threading.Thread(target=self._release_quietly, daemon=True)
+                releaser.start()
+                releaser.join(2.0)
                 os._exit(130)
             log.info("stopping after the current bundle", signal=signal.Signals(signum).name)
             self._stopping.set()
 
         signal.signal(signal.SIGINT, handle)
         signal.signal(signal.SIGTERM, handle)
+
+    def _release_quietly(self) -> None:
+        try:
+            self.service.queue.release(self.id)
+            self.remote.hand_back(self.id)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
 
     def stop(self) -> None:
         self._stopping.set()
@@ -146,6 +157,8 @@ class Worker:
                     groups[(job.backend, job.model, job.model_key)].append(job)
                 for (backend, model, _model_key), group in groups.items():
                     for bundle in self._pack(group):
+                        if self._stopping.is_set():
+                            break  # what is left of the claim is released below, untouched
                         if backend == "ndif":
                             self._run_remote_bundle(model, bundle)
                         else:
