@@ -124,3 +124,22 @@ def test_user_experiment_module(env, tmp_path) -> None:  # type: ignore[no-untyp
     assert values["width"] == 576 and len(values["mean"]) == 576
     env2 = {**env, "NDIF_JOBS_IMPORTS": "my_probe"}
     assert "mean-hidden" in run_cli("experiments", env=env2, check=True).stdout
+
+
+def test_try_an_ndif_queue_locally_first(env) -> None:  # type: ignore[no-untyped-def]
+    env = {**env, "NDIF_JOBS_LOCAL_STANDINS": '{"example-org/huge-model-70b": "smollm2-135m"}'}
+    remote = json.loads(run_cli("submit", "logit-lens", "-b", "ndif", "-m", "example-org/huge-model-70b", "--json",
+                                "-p", "prompt=The capital of France is", "-p", "layers=[29]", env=env, check=True).stdout)
+    before = json.loads(run_cli("show", remote["id"], "--json", env=env, check=True).stdout)
+    assert before["backend"] == "ndif" and before["model"] == "example-org/huge-model-70b"
+    run_cli("worker", "--backend", "local", "--until-empty", env=env, check=True)
+    after = json.loads(run_cli("show", remote["id"], "--json", env=env, check=True).stdout)
+    assert after["state"] == "completed" and after["backend"] == "local" and after["model"] == "smollm2-135m"
+    assert after["key"] != before["key"]  # a stand-in's result never poses as the remote model's
+    top = json.loads(run_cli("results", remote["id"], "--json", env=env, check=True).stdout)["values"]["top_tokens"]
+    assert top[0][0] == " Paris"
+    # Submitting for the local backend maps the remote model to its stand-in at once: the same
+    # computation, so it is served from the store.
+    local = json.loads(run_cli("submit", "logit-lens", "-b", "local", "-m", "example-org/huge-model-70b", "--json",
+                               "-p", "prompt=The capital of France is", "-p", "layers=[29]", env=env, check=True).stdout)
+    assert local["state"] == "cached"
