@@ -151,22 +151,11 @@ NDIF_SCRIPT = REPO / "scripts" / "ndif-local"
 NDIF_SHARED_ROOT = Path(os.environ.get("NDIF_LOCAL_ROOT") or REPO / ".ndif-local")
 
 
-def _free_port_block(size: int = 100) -> int:
-    import socket
+def _free_port_block() -> int:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from ndif_local.harness import free_port_block
 
-    for base in range(21000, 40000, size):
-        free = True
-        for port in range(base, base + size):
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    free = False
-                    break
-        if free:
-            return base
-    raise RuntimeError("no free block of ports for a local NDIF")
+    return free_port_block()
 
 
 class LocalNdif:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,19 +38,10 @@ def _harness(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
 
 def _free_base_port() -> int:
     """A base port whose whole block (PORT..PORT+99, what the harness derives) is free."""
-    for base in range(18400, 30000, 100):
-        ok = True
-        for port in range(base, base + 100):
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    pytest.skip("no free block of 100 ports")
+    sys.path.insert(0, str(REPO / "scripts"))
+    from ndif_local.harness import free_port_block
+
+    return free_port_block(start=18400, stop=30000)
 
 
 def _sessions(leaders: list[int]) -> list[int]:

@@ -265,6 +265,14 @@ def free_port(port: int) -> bool:
             return False
 
 
+def free_port_block(start: int = 21000, size: int = 100, stop: int = 40000) -> int:
+    """A base port whose whole block (PORT..PORT+size-1, what a stack derives) is free."""
+    for base in range(start, stop, size):
+        if all(free_port(port) for port in range(base, base + size)):
+            return base
+    raise RuntimeError("no free block of ports for a local NDIF")
+
+
 # --------------------------------------------------------------------------- layout
 class Layout:
     """Where everything lives for one ROOT, and which ports it uses."""
