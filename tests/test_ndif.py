@@ -211,6 +211,58 @@ def test_version_gate_stops_cleanly_with_what_to_do(ndif_env, local_ndif) -> Non
         local_ndif.harness("restart-api", "--env", "NDIF_MIN_PYTHON_VERSION=")
 
 
+AUTH_SCHEMA = """
+DROP TABLE IF EXISTS key_user_tag_assignments, user_tags, keys, users;
+CREATE TABLE users (user_id uuid PRIMARY KEY, email text);
+CREATE TABLE keys (key_id uuid PRIMARY KEY, user_id uuid NOT NULL);
+CREATE TABLE user_tags (user_tag_id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE key_user_tag_assignments (key_id uuid NOT NULL, user_tag_id int NOT NULL);
+"""
+
+
+def test_api_keys_are_checked_and_never_leak(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
+    """NDIF with auth on (keys in the real PostgreSQL): 401/400/403 stop cleanly; a good key runs."""
+    import uuid
+
+    import psycopg
+
+    from .conftest import POSTGRES_URL
+
+    admin = POSTGRES_URL.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'ndif_auth'").fetchone():
+            conn.execute("CREATE DATABASE ndif_auth")
+    auth_url = admin.rsplit("/", 1)[0] + "/ndif_auth"
+    good, user = str(uuid.uuid4()), str(uuid.uuid4())
+    with psycopg.connect(auth_url, autocommit=True) as conn:
+        conn.execute(AUTH_SCHEMA)
+        conn.execute("INSERT INTO users VALUES (%s, 'researcher@example.org')", (user,))
+        conn.execute("INSERT INTO keys VALUES (%s, %s)", (good, user))
+    local_ndif.harness("restart-api", "--env", f"NDIF_POSTGRES_URL={auth_url}")
+    try:
+        malformed = "secret-but-not-a-uuid-7f3a9c"
+        cases = {"": "401", malformed: "400", str(uuid.uuid4()): "403"}
+        for key, code in cases.items():
+            env = {**ndif_env, "NDIF_API_KEY": key}
+            (job,) = submit_all(env, jobs=JOBS[:1])
+            proc = run_cli("worker", "--until-empty", env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            shown = json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)
+            assert shown["state"] == "failed" and shown["attempts"] == 1, (code, shown)
+            assert f"NDIF refused the API key ({code}" in shown["error"] and "NDIF_API_KEY" in shown["error"]
+            if key:
+                assert key not in proc.stdout + proc.stderr
+        env = {**ndif_env, "NDIF_API_KEY": good}
+        (job,) = submit_all(env, jobs=JOBS[:1])
+        run_cli("worker", "--until-empty", env=env, check=True, timeout=300)
+        assert json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)["state"] == "completed"
+        stored = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+        for secret in (malformed, good):
+            assert secret.encode() not in stored  # not in the database, results or anything else
+    finally:
+        local_ndif.harness("restart-api", "--env", "NDIF_POSTGRES_URL=")
+
+
 def test_models_lists_ndif_deployments(ndif_env) -> None:  # type: ignore[no-untyped-def]
     doc = json.loads(run_cli("models", "--json", env=ndif_env, check=True).stdout)
     (row,) = [r for r in doc["ndif"] if r["model"] == MODEL]

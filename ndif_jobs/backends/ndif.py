@@ -33,7 +33,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 
 from .. import experiments
 from ..errors import BadInput, NdifJobsError
-from ..logging import get_logger, scrub
+from ..logging import get_logger, register_secret, scrub
 from ..models import ModelRef
 from ..settings import Settings
 from .base import JobOutcome, JobSpec
@@ -120,6 +120,7 @@ class NdifClient:
         self.settings = settings
         self.host = check_host(settings.ndif_host, settings.allow_http_loopback)
         key = settings.ndif_api_key.get_secret_value() if settings.ndif_api_key else ""
+        register_secret(key)  # NDIF echoes a malformed key in its 400: never let it reach a log or the db
         self._key = key
         self._http = httpx.Client(timeout=httpx.Timeout(settings.http_timeout_s, connect=10.0))
 

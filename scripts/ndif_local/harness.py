@@ -90,6 +90,7 @@ PINNED = [
     "fastapi", "uvicorn[standard]", "gunicorn", "python-multipart",  # ndif[api] extras
     "pydantic", "redis", "click", "python-dotenv", "pyyaml", "boto3",  # ndif's own
     "moto[server]", "psutil",
+    "asyncpg",  # NDIF's optional API-key check against PostgreSQL (NDIF_POSTGRES_URL)
 ]
 DEFAULT_TORCH = "torch==2.13.0+cpu"  # a CPU wheel on this machine's disk; never unpinned
 NDIF_SPEC = "ndif==0.1.2"
