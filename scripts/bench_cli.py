@@ -5,7 +5,7 @@ processes, on a queue of 100,000 jobs, beside plain Python.
     .venv/bin/python scripts/bench_cli.py                 # 100k jobs, 15 rounds
     .venv/bin/python scripts/bench_cli.py --quick         # 100k jobs, 5 rounds
     .venv/bin/python scripts/bench_cli.py --importtime    # also: the slowest imports of each command
-    .venv/bin/python scripts/bench_cli.py --also DIR      # also run the CLI of another checkout (DIR)
+    .venv/bin/python scripts/bench_cli.py --also DIR      # also run another checkout's CLI (on a copy)
 
 The queue is built once in a temporary data folder through ndif-jobs' own Queue: 100k jobs, 90%
 completed in bundles of 500 (each with a result size), 1% failed, the rest queued or claimed.
@@ -178,7 +178,11 @@ def main() -> None:
         }
         trees = [("", REPO)] + ([(f" [{args.also.name}]", args.also.resolve())] if args.also else [])
         for suffix, tree in trees:
-            tenv = dict(env, PYTHONPATH=str(tree)) if tree != REPO else env
+            tenv = env
+            if tree != REPO:  # the other checkout gets its own copy of the queue (it may migrate it)
+                other_home = tmp / "home-also"
+                shutil.copytree(home, other_home, dirs_exist_ok=True)
+                tenv = dict(env, PYTHONPATH=str(tree), NDIF_JOBS_HOME=str(other_home))
             for name, extra in (("status", ["status"]), ("list --state failed", ["list", "--state", "failed"]),
                                 ("show JOB", ["show", show_id])):
                 commands[f"ndif-jobs {name}{suffix}"] = ([py, "-m", "ndif_jobs", *extra], tenv)
