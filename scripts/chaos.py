@@ -36,6 +36,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -217,6 +218,7 @@ def chaos(args: argparse.Namespace, rng: random.Random, stack: Stack, proxy: Fau
     restart_at = time.time() + args.duration * rng.uniform(0.3, 0.6) if args.restart_api and stack.root else None
     for _ in range(args.workers):
         workers.spawn()
+    restarter = None
     while time.time() < end:
         if queue_waiting(db) == 0:
             break
@@ -224,7 +226,7 @@ def chaos(args: argparse.Namespace, rng: random.Random, stack: Stack, proxy: Fau
         while len(workers.alive()) < args.workers:
             workers.spawn()
         roll = rng.random()
-        if roll < 0.30:
+        if roll < 0.20:
             if workers.kill_one(rng):
                 actions["worker SIGKILLed"] += 1
                 workers.spawn()
@@ -237,11 +239,16 @@ def chaos(args: argparse.Namespace, rng: random.Random, stack: Stack, proxy: Fau
             proxy.latency_s[kind] = rng.choice((0.0, 0.3, 1.0))
             actions["latency changed"] += 1
         if restart_at is not None and time.time() >= restart_at:
+            # In a thread: the API takes 10-20 s to come back, and the chaos goes on meanwhile.
             restart_at = None
             say("restarting the NDIF API")
-            stack.harness("restart-api", "--kill", timeout=180)
+            restarter = threading.Thread(target=stack.harness, args=("restart-api", "--kill"),
+                                         kwargs={"timeout": 180}, daemon=True)
+            restarter.start()
             actions["API restarted"] += 1
         time.sleep(rng.uniform(0.5, args.tick_s))
+    if restarter is not None:
+        restarter.join(timeout=180)  # the clean drain needs the API back
     return actions
 
 
@@ -360,6 +367,7 @@ def main() -> int:
     try:
         stack.start()
         proxy = FaultProxy(stack.host).start()
+        proxy.server.handle_error = lambda *_: None  # a client hanging up mid-request is part of the chaos
         env = client_env(home, proxy.url, stack.hf_home, args.lease_s)
         say(f"NDIF {stack.host} via fault proxy {proxy.url}; data folder {home}")
         submit_jobs(env, args.jobs, rng, work)
