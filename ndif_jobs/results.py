@@ -464,10 +464,16 @@ class ResultStore:
                 return self._size(final)
             except ResultCorrupt:
                 # A damaged copy is moved aside (kept for inspection), and the new one stored.
-                os.rename(final, self.root / f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(final, self.root / f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}")
+                except OSError as exc:
+                    raise StoreError(f"cannot replace damaged result {key[:12]}: {exc.strerror or exc}") from None
         structure, tensors = flatten(result)
         new_prefix = not final.parent.exists()
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot store result {key[:12]}: {exc.strerror or exc}") from None
         tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True, mode=0o700)

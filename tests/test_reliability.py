@@ -325,9 +325,6 @@ def test_chaos_quick_run_loses_nothing(local_ndif, tmp_path) -> None:  # type: i
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bug: ResultStore.put creates the key's prefix folder outside its try, so the "
-                   "OSError escapes as a raw PermissionError (not StoreError): the worker exits 1 and the job goes back "
-                   "to the queue, to crash the next worker too")
 def test_a_result_store_that_refuses_writes_fails_the_job_cleanly(probe_env, tmp_path, home, tiny_llama) -> None:  # type: ignore[no-untyped-def]
     """The results folder where nobody may create anything (sysfs refuses mkdir with EPERM even to root,
     as a read-only folder does to a user)."""
