@@ -196,6 +196,95 @@ def test_killed_worker_is_reattached_without_resubmitting(ndif_env, local_ndif, 
     assert len(result_folders(home)) == 2
 
 
+def _wait_for_submission(home: Path, timeout: float = 120) -> str:
+    db = sqlite3.connect(home / "queue.db")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        row = db.execute("SELECT remote_job_id FROM bundles WHERE remote_job_id IS NOT NULL").fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.1)
+    raise AssertionError("the worker never submitted")
+
+
+def test_api_restart_mid_request_is_survived(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    """The real API process restarted while NDIF runs the request: NDIF says the replica was evicted."""
+    (tmp_path / "slow_probe.py").write_text(SLOW)
+    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": "20",
+           "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2"}
+    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
+    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_submission(home)
+    local_ndif.harness("restart-api")
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-2000:]
+    shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
+    assert shown["state"] == "completed", (shown["error"], shown["attempt_history"], shown["bundle"])
+    assert len(result_folders(home)) == 1
+
+
+def test_killed_model_replica_mid_request_is_survived(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL to the stack's real model actor while it runs the request (Ray restarts it)."""
+    (tmp_path / "slow_probe.py").write_text(SLOW)
+    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": "5",
+           "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2"}
+    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
+    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_submission(home)
+    time.sleep(2)  # running on the replica by now
+    status = json.loads(local_ndif.harness("status", "--json").stdout)
+    ray_session = status["services"]["ray"]["pid"]
+    actors = [int(p) for p in os.listdir("/proc") if p.isdigit() and _in_session(int(p), ray_session)
+              and b"CPUModelActor" in _cmdline(int(p))]
+    assert actors, "no model actor found in this stack's Ray session"
+    for pid in actors:
+        os.kill(pid, signal.SIGKILL)
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-2000:]
+    shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
+    assert shown["state"] == "completed", (shown["error"], shown["attempt_history"], shown["bundle"])
+    assert len(result_folders(home)) == 1
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _in_session(pid: int, session: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) == session
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def test_unanswered_request_is_resent_after_its_deadline(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
+    """NDIF never answers the first request (as when a replica dies): past the deadline it is resent."""
+    proxy = FaultProxy(local_ndif.host).start()
+    try:
+        proxy.stall_submissions = 1
+        env = local_ndif.client_env(ndif_env, host=proxy.url)
+        env.update(NDIF_JOBS_BUNDLE_DEADLINE_S="8", NDIF_JOBS_POLL_MAX_S="1", NDIF_JOBS_RETRY_BACKOFF_S="0.1")
+        ids = submit_all(env, jobs=JOBS[:2])
+        before = local_ndif.requests()
+        run_cli("worker", "--until-empty", env=env, check=True, timeout=600)
+        assert local_ndif.requests() - before == 2
+        (first,) = proxy.stalled
+        for job_id in ids:
+            shown = json.loads(run_cli("show", job_id, "--json", env=env, check=True).stdout)
+            assert shown["state"] == "completed" and shown["bundle"]["remote_job_id"] != first
+        db = sqlite3.connect(home / "queue.db")
+        state, history = db.execute("SELECT state, status_history FROM bundles WHERE remote_job_id = ?", (first,)).fetchone()
+        assert state == "abandoned" and "ABANDONED" in history
+        assert len(result_folders(home)) == 2
+    finally:
+        proxy.stop()
+
+
 def test_version_gate_stops_cleanly_with_what_to_do(ndif_env, local_ndif) -> None:  # type: ignore[no-untyped-def]
     local_ndif.harness("restart-api", "--env", "NDIF_MIN_PYTHON_VERSION=3.99")
     try:

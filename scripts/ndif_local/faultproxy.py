@@ -40,6 +40,10 @@ class FaultProxy:
         self.seen: dict[str, int] = defaultdict(int)
         self.injected: dict[str, int] = defaultdict(int)
         self.latency_s: dict[str, float] = defaultdict(float)
+        #: Submissions to swallow: NDIF gets them, but every poll of their id answers 404 ("no
+        #: status yet"), as when a replica dies and its request waits forever.
+        self.stall_submissions = 0
+        self.stalled: set[str] = set()
         self._client = httpx.Client(timeout=120)
 
     def start(self) -> "FaultProxy":
@@ -155,6 +159,8 @@ class FaultProxy:
                         return self._drop()
                     elif name == "garbage":
                         return self._send(200, b"<html>not json</html>", {"Content-Type": "text/html"})
+                if kind == "poll" and urlparse(self.path).path.rsplit("/", 1)[-1] in proxy.stalled:
+                    return self._send(404, b'{"detail": "not found"}', {"Content-Type": "application/json"})
                 if kind == "download":
                     target = parse_qs(urlparse(self.path).query)["u"][0]
                     upstream = proxy._client.get(target)
@@ -177,6 +183,10 @@ class FaultProxy:
                 content = upstream.content
                 if kind == "poll" and upstream.status_code == 200:
                     content = self._rewrite(content)
+                if kind == "submit" and upstream.status_code == 200 and proxy.stall_submissions > 0:
+                    with proxy._lock:
+                        proxy.stall_submissions -= 1
+                        proxy.stalled.add(json.loads(content)["id"])
                 passed = {k: v for k, v in upstream.headers.items()
                           if k.lower() in ("content-type",)}
                 self._send(upstream.status_code, content, passed)
