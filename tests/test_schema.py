@@ -69,3 +69,26 @@ def test_open_database_raises_store_error_for_unreachable_postgres() -> None:
     with pytest.raises(StoreError, match="cannot open the database"):
         open_database("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
     dispose_engines()
+
+
+def test_an_older_schema_is_migrated_on_open_keeping_its_jobs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        config = alembic_config(url)
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(text(
+            "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags, created_at,"
+            " updated_at, not_before, attempts, max_attempts) VALUES ('abc123abc123', 'k', 'activations', 'm', 'm', 'local',"
+            " '{}', 'queued', 0, '', 1, 1, 0, 0, 3)"))
+    engine.dispose()
+    database = open_database(url)
+    assert database.revision() == SCHEMA_HEAD != "0001"
+    from ndif_jobs.db.queue import Queue
+
+    assert Queue(database).get("abc123abc123").state == "queued"
+    dispose_engines()

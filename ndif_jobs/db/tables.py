@@ -102,6 +102,8 @@ jobs = Table(
 Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at)
 Index("ix_jobs_created", jobs.c.created_at)
 Index("ix_jobs_lease", jobs.c.state, jobs.c.lease_expires_at)
+# `status` sums stored bytes per result key from this index alone (no table scan, no sort).
+Index("ix_jobs_result", jobs.c.result_key, jobs.c.result_bytes)
 
 attempts = Table(
     "attempts",
