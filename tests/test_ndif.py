@@ -285,6 +285,27 @@ def test_unanswered_request_is_resent_after_its_deadline(ndif_env, local_ndif, h
         proxy.stop()
 
 
+def test_redis_down_then_back(ndif_env, local_ndif) -> None:  # type: ignore[no-untyped-def]
+    """NDIF's Redis stopped: POST /request answers 500 until it is back; the submission is retried."""
+    env = {**ndif_env, "NDIF_JOBS_RETRY_BACKOFF_S": "1", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "4",
+           "NDIF_JOBS_HTTP_RETRIES": "40", "NDIF_JOBS_HTTP_RETRY_MAX_S": "240"}
+    (job,) = submit_all(env, jobs=JOBS[:1])
+    local_ndif.harness("stop", "--only", "redis")
+    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)
+        assert worker.poll() is None  # still retrying, not failed
+        local_ndif.harness("start")  # Redis back (and the API, which needs a fresh connection to it)
+        _, err = worker.communicate(timeout=600)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, err[-2000:]
+    shown = json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)
+    assert shown["state"] == "completed" and shown["attempts"] == 1
+
+
 def test_version_gate_stops_cleanly_with_what_to_do(ndif_env, local_ndif) -> None:  # type: ignore[no-untyped-def]
     local_ndif.harness("restart-api", "--env", "NDIF_MIN_PYTHON_VERSION=3.99")
     try:
