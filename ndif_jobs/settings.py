@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=300.0, gt=0, description="How long a claim lasts before another worker may take it.")
     poll_s: float = Field(default=1.0, gt=0, description="Worker sleep between polls of an empty queue.")
 
+    bundle_time_limit_s: float = Field(
+        default=3600.0, gt=0, description="Longest a local bundle may run; past it its jobs fail and the worker stops."
+    )
+
     # The ndif backend.
     allow_http_loopback: bool = Field(
         default=False, description="Accept a plain-http NDIF_HOST on loopback (a local NDIF); https otherwise."

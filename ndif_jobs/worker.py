@@ -38,6 +38,12 @@ from .service import Service
 log = get_logger("ndif_jobs.worker")
 
 
+class BundleTimeout(NdifJobsError):
+    """A local bundle ran past its time limit; its thread cannot be stopped, so the worker stops."""
+
+    exit_code = 3
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{random.randrange(16**4):04x}"
 
@@ -237,7 +243,12 @@ class Worker:
             with _Heartbeat(self.service, self.id, job_ids):
                 if specs:
                     ref = model_from_key(model)
-                    outcomes.update(self._backend(backend_name).run_bundle(ref, specs))
+                    outcomes.update(self._run_with_time_limit(self._backend(backend_name), ref, specs))
+        except BundleTimeout as exc:
+            blog.error("bundle ran past its time limit: failing its jobs and stopping", error=str(exc))
+            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
+            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            raise
         except Exception as exc:  # noqa: BLE001 - the bundle as a whole failed: retry it later
             message = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0])
             blog.error("bundle failed", error=message, exc_info=not isinstance(exc, NdifJobsError))
@@ -253,6 +264,34 @@ class Worker:
             return
 
         self._store_outcomes(bundle_id, jobs, outcomes, blog, started)
+
+    def _run_with_time_limit(self, backend: Any, ref: Any, specs: list[JobSpec]) -> dict[str, JobOutcome]:
+        """Run a local bundle on a thread, waiting at most `bundle_time_limit_s` for it.
+
+        Python cannot stop a thread: an experiment that never returns leaves it running. So
+        past the limit the bundle's jobs fail with what to do, and the worker stops (exit 3)
+        rather than run more work beside a thread that still holds the model.
+        """
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["out"] = backend.run_bundle(ref, specs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True, name="bundle")
+        thread.start()
+        thread.join(self.settings.bundle_time_limit_s)
+        if thread.is_alive():
+            raise BundleTimeout(
+                f"the bundle ran past its time limit ({self.settings.bundle_time_limit_s:g} s, "
+                "NDIF_JOBS_BUNDLE_TIME_LIMIT_S): an experiment never returned; run these jobs alone "
+                "(ndif-jobs retry JOB..., then ndif-jobs worker --max-bundle 1) to find it"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
 
     def _store_outcomes(
         self, bundle_id: str, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any, started: float

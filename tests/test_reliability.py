@@ -308,3 +308,41 @@ def test_a_result_store_that_refuses_writes_fails_the_job_cleanly(probe_env, tmp
     state, attempts, error, result_key = jobs_table(home)[job]
     assert state == "failed" and attempts == 2 and "cannot store result" in error, (state, attempts, error)
     assert result_key is None
+
+
+HANG = '''
+import time
+from ndif_jobs import experiment, Params
+
+class P(Params):
+    prompt: str
+    hang: bool = False
+
+@experiment("maybe-hang", params=P)
+def maybe_hang(model, p):
+    while p["hang"]:
+        time.sleep(0.05)
+    with model.trace(p["prompt"]):
+        top = model.output.logits[0, -1].argmax().save()
+    return {"top": top}
+'''
+
+
+@pytest.mark.slow
+def test_an_experiment_that_never_returns_hits_the_bundle_time_limit(env, tmp_path, tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "hang_probe.py").write_text(HANG)
+    env = {**env, "NDIF_JOBS_IMPORTS": "hang_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_BUNDLE_TIME_LIMIT_S": "4",
+           "NDIF_JOBS_MAX_BUNDLE": "1"}
+    stuck = json.loads(run_cli("submit", "maybe-hang", "--model", str(tiny_llama), "--json", "-p", "prompt=a", "-p", "hang=true",
+                               "--priority", "5", env=env, check=True).stdout)
+    later = json.loads(run_cli("submit", "maybe-hang", "--model", str(tiny_llama), "--json", "-p", "prompt=b",
+                               env=env, check=True).stdout)
+    started = time.time()
+    proc = run_cli("worker", "--until-empty", env=env, timeout=120)
+    assert proc.returncode == 3 and time.time() - started < 60
+    assert "ran past its time limit" in proc.stderr.splitlines()[-1]
+    shown = json.loads(run_cli("show", stuck["id"], "--json", env=env, check=True).stdout)
+    assert shown["state"] == "failed" and "NDIF_JOBS_BUNDLE_TIME_LIMIT_S" in shown["error"]
+    assert json.loads(run_cli("show", later["id"], "--json", env=env, check=True).stdout)["state"] == "queued"
+    run_cli("worker", "--until-empty", env=env, check=True, timeout=120)  # the rest of the queue still runs
+    assert json.loads(run_cli("show", later["id"], "--json", env=env, check=True).stdout)["state"] == "completed"
