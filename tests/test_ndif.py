@@ -207,32 +207,36 @@ def _wait_for_submission(home: Path, timeout: float = 120) -> str:
     raise AssertionError("the worker never submitted")
 
 
-def test_api_restart_mid_request_is_survived(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
-    """The real API process restarted while NDIF runs the request: NDIF says the replica was evicted."""
+def _slow_job_in_flight(ndif_env, tmp_path, home, grace_s: str):  # type: ignore[no-untyped-def]
+    """One slow job submitted and being run by NDIF, its worker still waiting: (env, job id, worker)."""
     (tmp_path / "slow_probe.py").write_text(SLOW)
-    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": "20",
+    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": grace_s,
            "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2"}
-    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
+    (job,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
     worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_submission(home)
-    local_ndif.harness("restart-api")
+    return env, job, worker
+
+
+def _completed_once(env, job: str, worker, home) -> None:  # type: ignore[no-untyped-def]
     _, err = worker.communicate(timeout=600)
     assert worker.returncode == 0, err[-2000:]
-    shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
+    shown = json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)
     assert shown["state"] == "completed", (shown["error"], shown["attempt_history"], shown["bundle"])
     assert len(result_folders(home)) == 1
 
 
+def test_api_restart_mid_request_is_survived(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    """The real API process restarted while NDIF runs the request: NDIF says the replica was evicted."""
+    env, job, worker = _slow_job_in_flight(ndif_env, tmp_path, home, grace_s="20")
+    local_ndif.harness("restart-api")
+    _completed_once(env, job, worker, home)
+
+
 def test_killed_model_replica_mid_request_is_survived(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL to the stack's real model actor while it runs the request (Ray restarts it)."""
-    (tmp_path / "slow_probe.py").write_text(SLOW)
-    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": "5",
-           "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2"}
-    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
-    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_submission(home)
+    env, job, worker = _slow_job_in_flight(ndif_env, tmp_path, home, grace_s="5")
     time.sleep(2)  # running on the replica by now
     status = json.loads(local_ndif.harness("status", "--json").stdout)
     ray_session = status["services"]["ray"]["pid"]
@@ -241,11 +245,7 @@ def test_killed_model_replica_mid_request_is_survived(ndif_env, local_ndif, tmp_
     assert actors, "no model actor found in this stack's Ray session"
     for pid in actors:
         os.kill(pid, signal.SIGKILL)
-    _, err = worker.communicate(timeout=600)
-    assert worker.returncode == 0, err[-2000:]
-    shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
-    assert shown["state"] == "completed", (shown["error"], shown["attempt_history"], shown["bundle"])
-    assert len(result_folders(home)) == 1
+    _completed_once(env, job, worker, home)
 
 
 def _cmdline(pid: int) -> bytes:
