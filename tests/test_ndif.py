@@ -210,8 +210,11 @@ def _wait_for_submission(home: Path, timeout: float = 120) -> str:
 def _slow_job_in_flight(ndif_env, tmp_path, home, grace_s: str):  # type: ignore[no-untyped-def]
     """One slow job submitted and being run by NDIF, its worker still waiting: (env, job id, worker)."""
     (tmp_path / "slow_probe.py").write_text(SLOW)
+    # After a restart NDIF may answer ERROR (evicted), COMPLETED late, or never again: a short
+    # deadline bounds the last case (the request is then sent again).
     env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_EVICTION_GRACE_S": grace_s,
-           "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2"}
+           "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2", "NDIF_JOBS_BUNDLE_DEADLINE_S": "60",
+           "NDIF_JOBS_MAX_ATTEMPTS": "5"}
     (job,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
     worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
