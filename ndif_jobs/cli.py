@@ -400,7 +400,9 @@ def results(
     service = _service()
     result = service.load_result(job, verify=verify)
     if as_json:
-        _print_json({"job": result.job["id"], "values": _jsonable(result.to_dict())})
+        from .results import to_jsonable
+
+        _print_json({"job": result.job["id"], "values": to_jsonable(result.to_dict())})
         return
     from rich.table import Table
 
@@ -429,16 +431,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return repr(value)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist") and hasattr(value, "dtype"):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 # -- changing jobs -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .db.engine import write_transaction
 from .db.tables import JobState, now
 from .db.queue import ACTIVE_VALUES, jobs
 from .errors import BadInput, ResultCorrupt, ResultMissing
-from .results import flatten
+from .results import flatten, to_jsonable
 from .service import Service
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
@@ -144,18 +144,6 @@ def run_gc(service: Service, plan: GcPlan) -> int:
 EXPORT_FORMATS = ("npz", "pt", "safetensors", "json")
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist") and hasattr(value, "dtype"):
-        return value.float().tolist() if "bfloat16" in str(value.dtype) else value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
 def export(result: Any, fmt: str, out: Path) -> Path:
     """Write a result for other tools. Pickle (`pt`) only ever goes out, never comes in."""
     if fmt not in EXPORT_FORMATS:
@@ -171,7 +159,7 @@ def export(result: Any, fmt: str, out: Path) -> Path:
             "params": result.job["params"], "key": result.job["key"]}
     tmp = out.with_name(f".{out.name}.tmp")
     if fmt == "json":
-        tmp.write_text(json.dumps({**meta, "values": _jsonable(values)}, indent=1, allow_nan=False))
+        tmp.write_text(json.dumps({**meta, "values": to_jsonable(values)}, indent=1, allow_nan=False))
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 

@@ -105,11 +105,6 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
     )
 
 
-def model_from_key(model: str, kind: str | None = None) -> ModelRef:
-    """Re-resolve a job's stored model spec (the worker's side)."""
-    return resolve_model(model)
-
-
 # -- loading (imports torch, transformers, nnsight) --------------------------------------------
 
 

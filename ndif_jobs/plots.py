@@ -254,8 +254,6 @@ Plan = tuple[float, float, Callable[[Any], None]]
 
 
 def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
-    import numpy as np
-
     data = []
     for r in results:
         probs = _array(_field(r, "top_probs"))

@@ -100,6 +100,19 @@ def flatten(result: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     return walk(dict(result), ""), tensors
 
 
+def to_jsonable(value: Any) -> Any:
+    """A result as plain JSON values: tensors as nested lists, NaN as null (for --json and export)."""
+    if _is_tensor(value):
+        return value.float().tolist() if "bfloat16" in str(value.dtype) else value.tolist()
+    if isinstance(value, Mapping):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
 def unflatten(structure: Any, tensors: Mapping[str, Any]) -> Any:
     if isinstance(structure, dict):
         if set(structure) == {"$tensor"}:

@@ -32,7 +32,7 @@ from .db.remote import RemoteBundles
 from .db.tables import JobState
 from .errors import NdifJobsError
 from .logging import ensure_logging, get_logger, register_secret, scrub
-from .models import model_from_key
+from .models import resolve_model
 from .service import Service
 
 log = get_logger("ndif_jobs.worker")
@@ -205,7 +205,6 @@ class Worker:
         if job.backend == "local":
             return job
         from .keys import cache_key
-        from .models import resolve_model
 
         spec = self.settings.local_standins.get(job.model, job.model)
         ref = resolve_model(spec)
@@ -225,7 +224,7 @@ class Worker:
         return min(base, self.settings.retry_backoff_max_s) * random.uniform(0.5, 1.0)
 
     def _run_bundle(self, backend_name: str, model: str, jobs: list[Any]) -> None:
-        queue, store = self.service.queue, self.service.store
+        queue = self.service.queue
         job_ids = [j.id for j in jobs]
         bundle_id = queue.start_bundle(self.id, backend_name, jobs[0].model_key, job_ids)
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend=backend_name)
@@ -242,12 +241,11 @@ class Worker:
         try:
             with _Heartbeat(self.service, self.id, job_ids):
                 if specs:
-                    ref = model_from_key(model)
+                    ref = resolve_model(model)
                     outcomes.update(self._run_with_time_limit(self._backend(backend_name), ref, specs))
         except BundleTimeout as exc:
             blog.error("bundle ran past its time limit: failing its jobs and stopping", error=str(exc))
-            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
-            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            self._fail_bundle(bundle_id, job_ids, str(exc))
             raise
         except Exception as exc:  # noqa: BLE001 - the bundle as a whole failed: retry it later
             message = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0])
@@ -354,11 +352,10 @@ class Worker:
         specs = [JobSpec(j.id, j.experiment, json.loads(j.params)) for j in jobs]
         try:
             with _Heartbeat(self.service, self.id, job_ids):
-                remote_id, payload = backend.submit(model_from_key(model), specs)
+                remote_id, payload = backend.submit(resolve_model(model), specs)
         except Rejected as exc:
             blog.error("NDIF refused the bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
-            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
-            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            self._fail_bundle(bundle_id, job_ids, str(exc))
             return
         except (Transient, NdifJobsError, OSError) as exc:
             self._retry_later(jobs, bundle_id, f"{type(exc).__name__}: {exc}", blog)
@@ -386,8 +383,7 @@ class Worker:
                                         should_stop=self._stopping.is_set)
         except Rejected as exc:
             blog.error("NDIF cannot run this bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
-            self._count({"failed": queue.fail_permanently(self.id, [(j, str(exc)) for j in job_ids], bundle_id)})
-            queue.finish(self.id, bundle_id=bundle_id, bundle_error=str(exc))
+            self._fail_bundle(bundle_id, job_ids, str(exc))
             return
         except RemoteJobError as exc:
             self._isolate(model, bundle_id, jobs, str(exc), blog)
@@ -413,14 +409,19 @@ class Worker:
         short = message.strip().splitlines()[-1][:500] if message.strip() else "NDIF reported an error"
         if len(jobs) == 1:
             blog.warning("NDIF error isolated to one job", job=jobs[0].id, error=short)
-            self._count({"failed": queue.fail_permanently(self.id, [(jobs[0].id, f"NDIF: {short}")], bundle_id)})
-            queue.finish(self.id, bundle_id=bundle_id, bundle_error=short)
+            self._fail_bundle(bundle_id, [jobs[0].id], f"NDIF: {short}", bundle_error=short)
             return
         blog.warning("NDIF error for the bundle: splitting it to find the job at fault", error=short)
         queue.finish(self.id, bundle_id=bundle_id, bundle_error=f"split after NDIF error: {short}")
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
             self._run_remote_bundle(model, part)
+
+    def _fail_bundle(self, bundle_id: str, job_ids: list[str], error: str, bundle_error: str | None = None) -> None:
+        """Fail a bundle's jobs for good (no retry can help) and close the bundle."""
+        queue = self.service.queue
+        self._count({"failed": queue.fail_permanently(self.id, [(j, error) for j in job_ids], bundle_id)})
+        queue.finish(self.id, bundle_id=bundle_id, bundle_error=bundle_error or error)
 
     def _retry_later(self, jobs: list[Any], bundle_id: str, message: str, blog: Any) -> None:
         message = scrub(message.splitlines()[0] if message else "failed")
