@@ -277,8 +277,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     counts = service.queue.counts()
     latest = service.queue.list_jobs(limit=10)
     store_bytes = service.queue.stored_bytes()
+    lease_expired = service.queue.lease_expired_counts()
+    retrying, next_retry = service.queue.retry_waiting()
     if as_json:
         _print_json({"counts": counts, "total": sum(counts.values()), "store_bytes": store_bytes,
+                     "lease_expired": lease_expired, "retry_waiting": retrying, "next_retry_at": next_retry,
                      "at_ndif": service.queue_remote_waiting(), "latest": [_job_summary(r) for r in latest]})
         return
     from rich.table import Table
@@ -290,6 +293,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     table.add_row(*[str(n) for n in counts.values()])
     console.print(table)
     console.print(f"total {sum(counts.values())} jobs, results stored: {_bytes(store_bytes)}")
+    if lease_expired:
+        held = ", ".join(f"{n} {state}" for state, n in lease_expired.items())
+        console.print(f"[yellow]held by a worker that stopped renewing its lease: {held}[/] (the next worker"
+                      " runs them again, or re-attaches to NDIF for submitted ones)")
+    if retrying:
+        due = time.strftime("%H:%M:%S", time.localtime(next_retry)) if next_retry else "soon"
+        console.print(f"{retrying} queued jobs wait to retry after an error (first at {due};"
+                      " `ndif-jobs list --state queued` shows the errors)", markup=False)
     for bundle in service.queue_remote_waiting():
         console.print(f"at NDIF: bundle {bundle['id']} ({bundle['jobs']} jobs) {bundle['status']}"
                       f" {bundle['description'][:80]}", markup=False)

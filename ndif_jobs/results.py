@@ -40,6 +40,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from . import crashpoints
 from .errors import ResultCorrupt, ResultMissing, StoreError
 
 if TYPE_CHECKING:
@@ -491,6 +492,7 @@ class ResultStore:
         try:
             tmp.mkdir(parents=True, mode=0o700)
             digest, nbytes, st = _write_safetensors(tmp / TENSOR_FILE, tensors)
+            crashpoints.reached("storing")
             manifest = {
                 "format": FORMAT_VERSION,
                 "key": key,

@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import experiments
+from . import crashpoints, experiments
 from .backends import JobOutcome, JobSpec, get_backend
 from .db.remote import RemoteBundles
-from .db.tables import JobState
 from .errors import NdifJobsError
 from .logging import ensure_logging, get_logger, register_secret, scrub
 from .models import resolve_model
@@ -147,11 +146,13 @@ class Worker:
                 if self.backend_filter != "local":
                     self._reattach()
                 jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=claim_filter)
+                if jobs:
+                    crashpoints.reached("claimed")
                 if not jobs:
-                    counts = queue.counts()
-                    waiting = counts[JobState.QUEUED.value] + (
-                        counts[JobState.SUBMITTED.value] if self.backend_filter != "local" else 0
-                    )
+                    # Jobs another worker holds count too: if it dies, their leases run out and
+                    # they come back here. A `--backend local` worker never waits on NDIF.
+                    waiting = (queue.pending_count() if self.backend_filter == "local"
+                               else queue.waiting_count(backend=claim_filter))
                     if until_empty and waiting == 0:
                         break
                     self._stopping.wait(self.settings.poll_s)
@@ -227,6 +228,7 @@ class Worker:
         queue = self.service.queue
         job_ids = [j.id for j in jobs]
         bundle_id = queue.start_bundle(self.id, backend_name, jobs[0].model_key, job_ids)
+        crashpoints.reached("running")
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend=backend_name)
         blog.info("bundle started")
         started = time.time()
@@ -316,12 +318,14 @@ class Worker:
                 jlog.error("storing the result failed", error=str(exc))
                 failed.append((job_id, str(exc)))
                 continue
+            crashpoints.reached("stored")
             completed.append((job_id, job.key, size))
             jlog.info("job completed", result_bytes=size)
         # Experiment errors are the experiment's: no blind retry. Storage errors are ours: retry.
         experiment_errors = [(j, e) for j, e in failed if not outcomes[j].ok]
         store_errors = [(j, e) for j, e in failed if outcomes[j].ok]
         counts = queue.finish(self.id, completed=completed, bundle_id=bundle_id)
+        crashpoints.reached("finished")
         if experiment_errors:
             counts["failed"] += queue.fail_permanently(self.id, experiment_errors, bundle_id)
         if store_errors:
@@ -347,6 +351,7 @@ class Worker:
         queue = self.service.queue
         job_ids = [j.id for j in jobs]
         bundle_id = queue.start_bundle(self.id, "ndif", jobs[0].model_key, job_ids)
+        crashpoints.reached("running")
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend="ndif")
         backend = self._backend("ndif")
         specs = [JobSpec(j.id, j.experiment, json.loads(j.params)) for j in jobs]
@@ -360,8 +365,10 @@ class Worker:
         except (Transient, NdifJobsError, OSError) as exc:
             self._retry_later(jobs, bundle_id, f"{type(exc).__name__}: {exc}", blog)
             return
+        crashpoints.reached("posted")
         deadline = time.time() + self.settings.bundle_deadline_s
         self.remote.mark_submitted(self.id, bundle_id, remote_id, job_ids, deadline, payload)
+        crashpoints.reached("submitted")
         blog.info("bundle submitted to NDIF", remote_job=remote_id, payload_bytes=payload)
         self._await_remote(model, bundle_id, remote_id, jobs, deadline)
 
@@ -401,6 +408,7 @@ class Worker:
             self.remote.abandon(bundle_id, reason)
             self._count(queue.finish(self.id, failed=[(j, reason) for j in job_ids], retry_delay_s=0.0))
             return
+        crashpoints.reached("downloaded")
         self._store_outcomes(bundle_id, jobs, outcomes, blog, time.time())
 
     def _isolate(self, model: str, bundle_id: str, jobs: list[Any], message: str, blog: Any) -> None:

@@ -67,7 +67,28 @@ def test_expired_lease_goes_back_to_the_queue(queue) -> None:  # type: ignore[no
     time.sleep(0.05)
     (again,) = queue.claim("w2", limit=1, lease_s=60)
     assert again.id == a.id and again.lease_owner == "w2" and again.attempts == 2
+    assert queue.lease_expired_counts() == {}
     assert queue.finish("dead-worker", completed=[(a.id, "k" * 64, 1)])["completed"] == 0
+    assert queue.finish("dead-worker", failed=[(a.id, "late")])["failed"] == 0
+    assert queue.fail_permanently("dead-worker", [(a.id, "late")]) == 0
+    # The late calls touched neither the job nor w2's attempt; the dead worker's says what happened.
+    lost, current = queue.attempts_of(a.id)
+    assert (lost.worker, lost.outcome, current.worker, current.outcome) == ("dead-worker", "lease expired", "w2", None)
+    assert queue.finish("w2", completed=[(a.id, "k" * 64, 1)])["completed"] == 1
+    assert queue.attempts_of(a.id)[1].outcome == "completed"
+
+
+def test_status_sees_expired_leases_and_waiting_retries(queue) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = queue.enqueue([job(1), job(2), job(3)])
+    queue.claim("dead-worker", limit=2, lease_s=0.01)
+    time.sleep(0.05)
+    assert queue.lease_expired_counts() == {"claimed": 2}
+    assert queue.waiting_count() == 3 and queue.waiting_count(backend="ndif") == 0
+    (held,) = queue.claim("w", limit=1, lease_s=60)  # the claim requeues both, then takes one
+    assert queue.lease_expired_counts() == {}
+    queue.finish("w", failed=[(held.id, "boom")], retry_delay_s=60)
+    n, first = queue.retry_waiting()
+    assert n == 1 and first > time.time() + 50
 
 
 def test_dedup_joins_queued_and_serves_completed(queue) -> None:  # type: ignore[no-untyped-def]

@@ -44,6 +44,8 @@ ACTIVE_VALUES = frozenset({QUEUED, CLAIMED, SUBMITTED, RUNNING})
 DONE_VALUES = frozenset({COMPLETED, CACHED})
 #: States a job is in while some worker holds it.
 HELD_STATES = (CLAIMED, RUNNING, SUBMITTED)
+#: The outcome of an attempt whose worker died (or hung) while holding the job.
+LEASE_EXPIRED = "lease expired"
 #: Held states whose work lives only in the worker: an expired lease sends them back to the queue.
 #: A `submitted` job's work is at NDIF: another worker re-attaches to it by NDIF job id instead.
 LOCAL_HELD_STATES = (CLAIMED, RUNNING)
@@ -172,7 +174,12 @@ INSERT_JOB = f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) VALUES ({', '.join('?' *
 EXISTING_BY_KEY = 'SELECT id, "key", state, result_key FROM jobs WHERE "key" {keys}'
 REQUEUE_EXPIRED = (
     f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
-    f" WHERE {_LOCAL_HELD} AND lease_expires_at < ?"
+    f" WHERE {_LOCAL_HELD} AND lease_expires_at < ? RETURNING id"
+)
+#: The attempt a dead worker left open, closed when its job is requeued or re-attached.
+LOSE_ATTEMPTS = (
+    f"UPDATE attempts SET finished_at = ?, outcome = '{LEASE_EXPIRED}',"
+    " error = 'its worker stopped renewing the lease (it died or hung)' WHERE job_id {ids} AND finished_at IS NULL"
 )
 # One statement takes the jobs and returns them: highest priority, then oldest, first.
 CLAIM = (
@@ -186,8 +193,10 @@ COMPLETE = (
     f"UPDATE jobs SET state = '{COMPLETED}', result_key = ?, result_bytes = ?, finished_at = ?, updated_at = ?,"
     f" lease_owner = NULL, lease_expires_at = NULL, error = NULL WHERE id = ? AND lease_owner = ? AND {_HELD}"
 )
+# Only the finishing worker's own attempt: a late finish must not close a later owner's attempt.
 CLOSE_ATTEMPTS = (
-    "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND finished_at IS NULL"
+    "UPDATE attempts SET finished_at = ?, outcome = ?, error = ?"
+    " WHERE job_id = ? AND worker = ? AND finished_at IS NULL"
 )
 HELD_ATTEMPTS = f"SELECT attempts, max_attempts FROM jobs WHERE id = ? AND lease_owner = ? AND {_HELD}"
 RETRY_LATER = (
@@ -248,6 +257,13 @@ STORED_BYTES = (
     " WHERE result_key IS NOT NULL AND result_bytes IS NOT NULL GROUP BY result_key) AS per_key"
 )
 RESULT_KEYS = "SELECT result_key, state FROM jobs WHERE result_key IS NOT NULL"
+# Held jobs whose worker stopped renewing the lease (a range probe of `ix_jobs_lease`).
+LEASE_EXPIRED_COUNTS = f"SELECT state, count(*) FROM jobs WHERE {_HELD} AND lease_expires_at < ? GROUP BY state"
+RETRY_WAITING = (
+    f"SELECT count(*), MIN(not_before) FROM jobs WHERE state = '{QUEUED}' AND not_before > ? AND error IS NOT NULL"
+)
+# What a worker could still take or wait for: queued, held, or at NDIF (optionally one backend's).
+WAITING = f"SELECT count(*) FROM jobs WHERE state IN ({_ACTIVE_SQL}){{backend}}"
 
 #: Most values bound in one `IN (...)` on SQLite (its limit is 32766; smaller lists plan faster).
 _CHUNK = 500
@@ -380,7 +396,15 @@ class Queue:
         An index range probe (`ix_jobs_lease`) that touches no row when no lease has run out:
         about as cheap as checking whether one has."""
         cur.execute(self._sql(REQUEUE_EXPIRED), (t, t))
-        return max(cur.rowcount, 0)
+        lost = [row[0] for row in cur.fetchall()]
+        self.close_lost_attempts(cur, lost, t)
+        return len(lost)
+
+    def close_lost_attempts(self, cur: Any, job_ids: Sequence[str], t: float) -> None:
+        """Close the attempts that dead workers left open on these jobs, saying so."""
+        for chunk in self._sql.chunks(list(job_ids)):
+            in_sql, ids = self._sql.in_(chunk)
+            cur.execute(self._sql(LOSE_ATTEMPTS, ids=in_sql), [t, *ids])
 
     def renew_leases(self, worker: str, job_ids: Sequence[str], lease_s: float) -> int:
         t = now()
@@ -427,7 +451,7 @@ class Queue:
             if completed:
                 cur.executemany(sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
                 counts["completed"] = max(cur.rowcount, 0)
-                cur.executemany(sql(CLOSE_ATTEMPTS), [(t, "completed", None, j) for j, _, _ in completed])
+                cur.executemany(sql(CLOSE_ATTEMPTS), [(t, "completed", None, j, worker) for j, _, _ in completed])
             for job_id, error in failed:
                 cur.execute(sql(HELD_ATTEMPTS), (job_id, worker))
                 row = cur.fetchone()
@@ -439,7 +463,7 @@ class Queue:
                 else:
                     cur.execute(sql(FAIL), (t, error, t, job_id))
                     counts["failed"] += 1
-                cur.execute(sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id))
+                cur.execute(sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id, worker))
             if bundle_id is not None:
                 state = "failed" if bundle_error else "completed"
                 cur.execute(sql(FINISH_BUNDLE), (state, t, bundle_error, bundle_id))
@@ -453,7 +477,7 @@ class Queue:
             for job_id, error in failed:
                 cur.execute(self._sql(FAIL_HELD), (error, t, t, job_id, worker))
                 n += max(cur.rowcount, 0)
-                cur.execute(self._sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id))
+                cur.execute(self._sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id, worker))
         return n
 
     def release(self, worker: str, job_ids: Sequence[str] | None = None) -> int:
@@ -598,7 +622,23 @@ class Queue:
         """Bundles in `state` (e.g. `submitted`: waiting at NDIF), oldest first."""
         return [BundleRow._make(r) for r in self._all(self._sql(BUNDLES_IN_STATE), (state,))]
 
+    def lease_expired_counts(self) -> dict[str, int]:
+        """Held jobs whose worker stopped renewing its lease, per state: the next worker takes
+        them (claimed/running back to the queue, submitted re-attached by NDIF job id)."""
+        return {state: n for state, n in self._all(self._sql(LEASE_EXPIRED_COUNTS), (now(),))}
+
+    def retry_waiting(self) -> tuple[int, float | None]:
+        """Queued jobs waiting out a retry delay after an error, and when the first is due."""
+        n, first = self._all(self._sql(RETRY_WAITING), (now(),))[0]
+        return int(n), first
+
+    def waiting_count(self, backend: str | None = None) -> int:
+        """Unfinished jobs (of `backend`) that a worker may still run or wait on, whoever holds them."""
+        sql = self._sql(WAITING, backend=" AND backend = ?" if backend else "")
+        return int(self._all(sql, (backend,) if backend else ())[0][0])
+
     def pending_count(self) -> int:
+        """Unfinished jobs not (yet) at NDIF: queued, claimed or running."""
         return int(self._all(self._sql(PENDING))[0][0])
 
     def stored_bytes(self) -> int:

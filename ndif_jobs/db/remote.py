@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import Engine, and_, select, update
 
 from .engine import write_transaction
-from .tables import BundleState, JobState, bundles, jobs, now
+from .queue import LEASE_EXPIRED
+from .tables import BundleState, JobState, attempts, bundles, jobs, now
 
 
 class RemoteBundles:
@@ -100,6 +101,20 @@ class RemoteBundles:
                 held = conn.execute(
                     select(jobs).where(jobs.c.bundle_id == bundle_id, jobs.c.state == JobState.SUBMITTED.value)
                 ).all()
+                # The dead worker's attempts end here; this worker's wait for the same request is a
+                # new attempt with the same number (no new work is sent, so none is spent).
+                held_ids = [j.id for j in held]
+                conn.execute(
+                    update(attempts)
+                    .where(attempts.c.job_id.in_(held_ids), attempts.c.finished_at.is_(None))
+                    .values(finished_at=t, outcome=LEASE_EXPIRED,
+                            error="its worker stopped renewing the lease; the next worker re-attached")
+                )
+                if held:
+                    conn.execute(attempts.insert(), [
+                        {"job_id": j.id, "bundle_id": bundle_id, "number": j.attempts, "worker": worker, "started_at": t}
+                        for j in held
+                    ])
                 conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(worker=worker))
                 out.append((bundle, held))
         return out
