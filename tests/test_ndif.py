@@ -169,33 +169,6 @@ def slow_lens(model, p):
 '''
 
 
-def test_killed_worker_is_reattached_without_resubmitting(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "slow_probe.py").write_text(SLOW)
-    env = {**ndif_env, "NDIF_JOBS_IMPORTS": "slow_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_LEASE_S": "3"}
-    ids = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is"}),
-                                ("slow-lens", {"prompt": "Hello", "seconds": 0.0})])
-    before = local_ndif.requests()
-    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = sqlite3.connect(home / "queue.db")
-    deadline = time.time() + 120
-    remote = None
-    while time.time() < deadline and remote is None:
-        remote = db.execute("SELECT remote_job_id FROM bundles WHERE remote_job_id IS NOT NULL").fetchone()
-        time.sleep(0.1)
-    assert remote, "the worker never submitted"
-    os.kill(worker.pid, signal.SIGKILL)  # after the POST, before NDIF answers
-    worker.wait()
-    assert db.execute("SELECT count(*) FROM jobs WHERE state = 'submitted'").fetchone()[0] == 2
-    run_cli("worker", "--until-empty", env=env, check=True, timeout=600)
-    assert local_ndif.requests() - before == 1  # re-attached by NDIF job id: no second submission
-    for job_id in ids:
-        shown = json.loads(run_cli("show", job_id, "--json", env=env, check=True).stdout)
-        assert shown["state"] == "completed" and shown["bundle"]["remote_job_id"] == remote[0]
-        assert "REATTACHED" in [s["status"] for s in shown["bundle"]["status_history"]]
-    assert len(result_folders(home)) == 2
-
-
 def _wait_for_submission(home: Path, timeout: float = 120) -> str:
     db = sqlite3.connect(home / "queue.db")
     deadline = time.time() + timeout
