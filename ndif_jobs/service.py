@@ -59,7 +59,7 @@ class Service:
     def queue(self) -> Queue:
         if self.settings.database_url is None:
             ensure_private_dir(self.settings.home)
-        return Queue(open_database(self.settings.db_url))
+        return Queue(open_database(self.settings.db_url), db_retry_s=self.settings.db_retry_s)
 
     @cached_property
     def store(self) -> ResultStore:

@@ -63,9 +63,17 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(default=300.0, ge=0, description="Longest retry delay.")
     lease_s: float = Field(default=300.0, gt=0, description="How long a claim lasts before another worker may take it.")
     poll_s: float = Field(default=1.0, gt=0, description="Worker sleep between polls of an empty queue.")
+    db_retry_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long a queue operation retries (with backoff) while the database is unreachable, "
+        "restarting or locked, before the command fails; 0: fail at once.",
+    )
 
     bundle_time_limit_s: float = Field(
-        default=3600.0, gt=0, description="Longest a local bundle may run; past it its jobs fail and the worker stops."
+        default=3600.0, gt=0,
+        description="Longest a local bundle's experiments may run (loading the model not counted); past it its jobs"
+        " fail and the worker stops.",
     )
 
     # The ndif backend.

@@ -101,7 +101,10 @@ class Worker:
         self.on_progress = on_progress
         self._stopping = threading.Event()
         self._backends: dict[str, Any] = {}
-        self.remote = RemoteBundles(service.queue.engine)
+        #: NDIF outages in a row, and until when this worker sends nothing more to NDIF.
+        self._ndif_outages = 0
+        self._ndif_unavailable_until = 0.0
+        self.remote = RemoteBundles(service.queue.engine, db_retry_s=service.queue.db_retry_s)
 
     # -- signals -------------------------------------------------------------------------
 
@@ -171,12 +174,7 @@ class Worker:
                         else:
                             self._run_bundle(backend, model, bundle)
         finally:
-            released = queue.release(self.id)
-            if released:
-                log.info("released unstarted jobs", count=released)
-            handed = self.remote.hand_back(self.id)
-            if handed:
-                log.info("left jobs at NDIF for the next worker to re-attach", count=handed)
+            self._give_back()
         log.info(
             "worker finished",
             worker=self.id,
@@ -186,6 +184,25 @@ class Worker:
             retried=self.stats.retried,
         )
         return self.stats
+
+    def _give_back(self) -> None:
+        """On the way out: unstarted jobs back to the queue, jobs at NDIF to the next worker.
+
+        Each step on its own: if the database is gone (the reason we may be leaving), what is
+        not given back here comes back when its lease runs out."""
+        try:
+            released = self.service.queue.release(self.id)
+            if released:
+                log.info("released unstarted jobs", count=released)
+        except Exception as exc:  # noqa: BLE001 - must not hide the error we are leaving with
+            log.warning("could not release held jobs; they return when their leases run out", error=str(exc))
+        try:
+            handed = self.remote.hand_back(self.id)
+            if handed:
+                log.info("left jobs at NDIF for the next worker to re-attach", count=handed)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not hand back jobs at NDIF; they are re-attached when their leases run out",
+                        error=str(exc))
 
     def _pack(self, jobs: list[Any]) -> list[list[Any]]:
         """Split a model's jobs so no bundle asks for more than `max_result_bytes` back."""
@@ -244,7 +261,10 @@ class Worker:
             with _Heartbeat(self.service, self.id, job_ids):
                 if specs:
                     ref = resolve_model(model)
-                    outcomes.update(self._run_with_time_limit(self._backend(backend_name), ref, specs))
+                    backend = self._backend(backend_name)
+                    if hasattr(backend, "load"):
+                        backend.load(ref)  # loading is not the experiments' time: outside the limit
+                    outcomes.update(self._run_with_time_limit(backend, ref, specs))
         except BundleTimeout as exc:
             blog.error("bundle ran past its time limit: failing its jobs and stopping", error=str(exc))
             self._fail_bundle(bundle_id, job_ids, str(exc))
@@ -266,7 +286,7 @@ class Worker:
         self._store_outcomes(bundle_id, jobs, outcomes, blog, started)
 
     def _run_with_time_limit(self, backend: Any, ref: Any, specs: list[JobSpec]) -> dict[str, JobOutcome]:
-        """Run a local bundle on a thread, waiting at most `bundle_time_limit_s` for it.
+        """Run a local bundle's experiments on a thread, waiting at most `bundle_time_limit_s`.
 
         Python cannot stop a thread: an experiment that never returns leaves it running. So
         past the limit the bundle's jobs fail with what to do, and the worker stops (exit 3)
@@ -346,10 +366,13 @@ class Worker:
             self._await_remote(held[0].model, bundle.id, bundle.remote_job_id, held, bundle.deadline)
 
     def _run_remote_bundle(self, model: str, jobs: list[Any]) -> None:
-        from .backends.ndif import Rejected, Transient
+        from .backends.ndif import Rejected, Transient, Unavailable
 
         queue = self.service.queue
         job_ids = [j.id for j in jobs]
+        if time.time() < self._ndif_unavailable_until:  # the rest of a claim made before NDIF went away
+            self._defer(job_ids, None, self._ndif_unavailable_until - time.time(), "NDIF is unavailable", log)
+            return
         bundle_id = queue.start_bundle(self.id, "ndif", jobs[0].model_key, job_ids)
         crashpoints.reached("running")
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend="ndif")
@@ -362,10 +385,17 @@ class Worker:
             blog.error("NDIF refused the bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
             self._fail_bundle(bundle_id, job_ids, str(exc))
             return
+        except Unavailable as exc:
+            self._ndif_outages += 1
+            delay = self._retry_delay(self._ndif_outages)
+            self._ndif_unavailable_until = time.time() + delay
+            self._defer(job_ids, bundle_id, delay, str(exc), blog)
+            return
         except (Transient, NdifJobsError, OSError) as exc:
             self._retry_later(jobs, bundle_id, f"{type(exc).__name__}: {exc}", blog)
             return
         crashpoints.reached("posted")
+        self._ndif_outages = 0
         deadline = time.time() + self.settings.bundle_deadline_s
         self.remote.mark_submitted(self.id, bundle_id, remote_id, job_ids, deadline, payload)
         crashpoints.reached("submitted")
@@ -430,6 +460,13 @@ class Worker:
         queue = self.service.queue
         self._count({"failed": queue.fail_permanently(self.id, [(j, error) for j in job_ids], bundle_id)})
         queue.finish(self.id, bundle_id=bundle_id, bundle_error=bundle_error or error)
+
+    def _defer(self, job_ids: list[str], bundle_id: str | None, delay_s: float, reason: str, blog: Any) -> None:
+        """NDIF could not take the bundle: back to the queue for `delay_s`, no attempt spent."""
+        reason = scrub(reason.splitlines()[0] if reason else "NDIF is unavailable")
+        blog.warning("NDIF unavailable: the jobs wait in the queue, no attempt spent", retry_in_s=round(delay_s, 1),
+                     error=reason)
+        self.service.queue.defer(self.id, job_ids, f"waiting for NDIF: {reason}", delay_s, bundle_id=bundle_id)
 
     def _retry_later(self, jobs: list[Any], bundle_id: str, message: str, blog: Any) -> None:
         message = scrub(message.splitlines()[0] if message else "failed")

@@ -61,7 +61,10 @@ def status(env: dict[str, str]) -> dict:
 def held_after_lease(env: dict[str, str]) -> dict[str, int]:
     """Once the dead worker's leases have run out, `status` names the jobs it held."""
     time.sleep(LEASE_S + 0.5)
-    return status(env)["lease_expired"]
+    held = status(env)["lease_expired"]
+    shown = run_cli("status", env=env, check=True).stdout
+    assert ("stopped renewing its lease" in shown) == bool(held), shown
+    return held
 
 
 def check_recovered(env: dict[str, str], home: Path, job_ids: list[str]) -> list[dict]:

@@ -238,6 +238,68 @@ def _in_session(pid: int, session: int) -> bool:
         return False
 
 
+def _wait_until(predicate, timeout: float = 120, what: str = "the condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    """NDIF unreachable for many times the worker's whole retry window (the windows are shrunk
+    here so that seconds stand for an outage of hours): before the submission, the jobs wait in
+    the queue without spending attempts; after it, the worker keeps polling the same request.
+    With one attempt allowed per job, any spent attempt would fail a job."""
+    (tmp_path / "slow_probe.py").write_text(SLOW)
+    proxy = FaultProxy(local_ndif.host).start()
+    try:
+        env = local_ndif.client_env(ndif_env, host=proxy.url)
+        env.update(NDIF_JOBS_IMPORTS="slow_probe", PYTHONPATH=str(tmp_path), NDIF_JOBS_MAX_ATTEMPTS="1",
+                   NDIF_JOBS_RETRY_BACKOFF_S="0.2", NDIF_JOBS_RETRY_BACKOFF_MAX_S="1", NDIF_JOBS_HTTP_RETRIES="3",
+                   NDIF_JOBS_HTTP_RETRY_MAX_S="1", NDIF_JOBS_POLL_MAX_S="0.5")
+        before = local_ndif.requests()
+
+        # Down before the submission: every try is cut off; the jobs stay queued, no attempt spent.
+        ids = submit_all(env, jobs=JOBS[:2])
+        proxy.down = True
+        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_until(lambda: proxy.injected["submit:down"] >= 6, what="several cut-off submissions")
+        assert worker.poll() is None
+        status = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
+        assert status["counts"]["failed"] == 0 and status["counts"]["completed"] == 0
+
+        def says_waiting() -> bool:  # `status` tells the truth: queued, waiting for NDIF
+            shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
+            return shown["state"] == "queued" and "waiting for NDIF" in (shown["error"] or "")
+
+        _wait_until(says_waiting, what="a job shown as waiting for NDIF")
+        proxy.down = False
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        assert local_ndif.requests() - before == 1
+
+        # Down while NDIF runs the request: the worker polls on and never sends it again.
+        (slow,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 4.0})])
+        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_until(lambda: local_ndif.requests() - before == 2, what="the slow submission")
+        proxy.down = True
+        _wait_until(lambda: proxy.injected["poll:down"] >= 6, what="several cut-off polls")
+        time.sleep(4.0)  # NDIF finishes the request meanwhile
+        proxy.down = False
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        assert local_ndif.requests() - before == 2  # the slow request was sent once
+
+        for job_id in [*ids, slow]:
+            shown = json.loads(run_cli("show", job_id, "--json", env=env, check=True).stdout)
+            assert (shown["state"], shown["attempts"]) == ("completed", 1), (shown["error"], shown["attempt_history"])
+        assert len(result_folders(home)) == 3
+    finally:
+        proxy.stop()
+
+
 def test_unanswered_request_is_resent_after_its_deadline(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
     """NDIF never answers the first request (as when a replica dies): past the deadline it is resent."""
     proxy = FaultProxy(local_ndif.host).start()

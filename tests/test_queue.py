@@ -91,6 +91,20 @@ def test_status_sees_expired_leases_and_waiting_retries(queue) -> None:  # type:
     assert n == 1 and first > time.time() + 50
 
 
+def test_defer_waits_without_spending_an_attempt(queue) -> None:  # type: ignore[no-untyped-def]
+    (a,) = queue.enqueue([job(1, max_attempts=1)])
+    (held,) = queue.claim("w", limit=1, lease_s=60)
+    bundle = queue.start_bundle("w", "ndif", "m", [a.id])
+    assert queue.defer("w", [a.id], "waiting for NDIF: down", delay_s=60, bundle_id=bundle) == 1
+    assert queue.defer("w", [a.id], "waiting for NDIF: down", delay_s=60) == 0  # a second call: no-op
+    row = queue.get(a.id)
+    assert (row.state, row.attempts, row.error) == ("queued", 0, "waiting for NDIF: down")
+    assert row.not_before > time.time() + 50 and queue.claim("w", limit=1, lease_s=60) == []
+    assert queue.retry_waiting()[0] == 1
+    assert [x.outcome for x in queue.attempts_of(a.id)] == ["deferred"]
+    assert queue.bundle(bundle).state == "failed"
+
+
 def test_dedup_joins_queued_and_serves_completed(queue) -> None:  # type: ignore[no-untyped-def]
     first, joined = queue.enqueue([job(1, key="a" * 64), job(2, key="a" * 64)])
     assert first.state == "queued" and joined.joined and joined.id == first.id

@@ -47,6 +47,14 @@ class Transient(NdifJobsError):
     """Worth another try: the network, the server's load, a broken download."""
 
 
+class Unavailable(Transient):
+    """NDIF cannot be reached or cannot take requests now (connection failures, 429, 502-504).
+
+    Not the bundle's fault: a worker keeps waiting for a request already at NDIF, and puts a
+    bundle it could not send back in the queue without spending an attempt (NDIF down for an
+    hour must not fail a night's jobs)."""
+
+
 class Rejected(NdifJobsError):
     """No retry can fix it: the message says what the user must do."""
 
@@ -106,7 +114,9 @@ def classify(response: Any, action: str) -> NdifJobsError:
             f"NDIF refused the request ({code}: {detail}): if it names a version, upgrade nnsight/python "
             "to what the server requires, then `ndif-jobs retry` the failed jobs"
         )
-    if code == 429 or code >= 500:
+    if code in (429, 502, 503, 504):
+        return Unavailable(f"NDIF answered {code} while trying to {action}: {detail}")
+    if code >= 500:
         return Transient(f"NDIF answered {code} while trying to {action}: {detail}")
     return Rejected(f"NDIF answered {code} while trying to {action}: {detail}")
 
@@ -145,7 +155,7 @@ class NdifClient:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise Transient(f"cannot reach NDIF at {self.host} to {action}: {type(exc).__name__}: {exc}") from None
+            raise Unavailable(f"cannot reach NDIF at {self.host} to {action}: {type(exc).__name__}: {exc}") from None
         return response
 
     def _headers(self) -> dict[str, str]:
@@ -213,7 +223,7 @@ class NdifClient:
                     for chunk in response.iter_bytes(1 << 20):
                         buffer.write(chunk)
             except httpx.TransportError as exc:
-                raise Transient(f"downloading the result broke off: {type(exc).__name__}: {exc}") from None
+                raise Unavailable(f"downloading the result broke off: {type(exc).__name__}: {exc}") from None
             data = buffer.getvalue()
             if expected is not None and int(expected) != len(data):
                 raise Transient(f"downloading the result: got {len(data)} of {expected} bytes")
@@ -355,16 +365,35 @@ class NdifBackend:
         self, remote_id: str, job_ids: list[str], deadline: float | None,
         on_status: Callable[[Status], None], should_stop: Callable[[], bool] = lambda: False,
     ) -> dict[str, JobOutcome] | None:
-        """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop."""
+        """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop.
+
+        While NDIF cannot be reached the request is still there: polling goes on (each poll
+        already retried with backoff) until NDIF is back or the deadline passes.
+        """
         delay = self.settings.poll_min_s
         last: str | None = None
         evicted_at: float | None = None
+        unreachable_since: float | None = None
         while True:
             if deadline is not None and time.time() > deadline:
                 return None
             if should_stop():
                 raise Transient("the worker is stopping")
-            status = self.client.status(remote_id)
+            try:
+                status = self.client.status(remote_id)
+                if status is not None and status.status == "COMPLETED":
+                    outcomes = self._fetch(status, job_ids)
+            except Unavailable as exc:
+                if unreachable_since is None:
+                    unreachable_since = time.time()
+                    log.warning("NDIF unreachable while waiting: the request stays there, polling on",
+                                remote_job=remote_id, error=str(exc))
+                time.sleep(self.settings.poll_max_s)
+                continue
+            if unreachable_since is not None:
+                log.info("NDIF reachable again", remote_job=remote_id,
+                         down_s=round(time.time() - unreachable_since, 1))
+                unreachable_since = None
             if status is not None and (status.status, status.description) != last:
                 last = (status.status, status.description)  # type: ignore[assignment]
                 on_status(status)
@@ -381,7 +410,7 @@ class NdifBackend:
                 else:
                     raise RemoteJobError(message)
             if status is not None and status.status == "COMPLETED":
-                return self._fetch(status, job_ids)
+                return outcomes
             time.sleep(delay)
             delay = min(delay * 1.5, self.settings.poll_max_s)
 

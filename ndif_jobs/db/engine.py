@@ -142,7 +142,10 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        # A server whose host drops packets would otherwise hold each connect for the OS's TCP
+        # timeout (minutes), past the retry window (`retry.py`); a URL may set its own.
+        connect_args = {"connect_timeout": 10} if url.startswith("postgres") and "connect_timeout" not in url else {}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     _engines[url] = engine
     return engine
 
@@ -276,6 +279,9 @@ class Database:
                         cursor.execute("ROLLBACK")
                 except Exception:  # noqa: BLE001 - a broken connection: the pool must drop it
                     raw.invalidate()
+                else:
+                    if _connection_lost(dbapi):
+                        raw.invalidate()  # never hand a dead connection to the next (retried) call
                 raise
             finally:
                 cursor.close()
@@ -301,6 +307,14 @@ class Database:
                 return None
             row = cur.execute("SELECT version_num FROM alembic_version").fetchone()
             return row[0] if row else None
+
+
+def _connection_lost(dbapi: Any) -> bool:
+    """Whether a driver connection died under us (psycopg's `broken` / `closed`; sqlite3 has neither).
+
+    Usually the rollback after the error fails too and the connection is invalidated for that,
+    but a driver may make rollback a no-op on a dead connection: this catches that case."""
+    return bool(getattr(dbapi, "broken", False) or getattr(dbapi, "closed", False))
 
 
 @contextmanager

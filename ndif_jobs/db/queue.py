@@ -17,6 +17,11 @@ A job's life (see `JobState`): queued -> claimed -> running -> completed, or fai
 attempts are spent, or back to queued with a `not_before` time to retry. Finishing a job is
 conditional on the finishing worker still holding its lease, which makes a late or duplicate
 completion a no-op instead of a second result.
+
+Every method that touches the database rides out a database that is briefly unreachable or
+locked by running its transaction again (`retry.py`, for up to `db_retry_s` seconds). Each is
+safe to run again even when the first run's COMMIT went through unseen; the few that must know
+they are a re-run (`enqueue`, `claim`, `start_bundle`) are told so. See `retry.py`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, JobNotFound, StoreError
 from .engine import Database
+from .retry import DEFAULT_RETRY_S, call_with_retry, retried
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -188,6 +194,12 @@ CLAIM = (
     f" WHERE id IN (SELECT id FROM jobs WHERE state = '{QUEUED}' AND not_before <= ?{{backend}}"
     f" ORDER BY priority DESC, created_at LIMIT ?{{skip_locked}}) RETURNING {_JOBS}"
 )
+# A re-run claim takes over what an earlier run of it claimed unseen: the jobs leased to this
+# worker at exactly that run's time (nothing else gives them that `updated_at`), on a fresh lease.
+ADOPT_CLAIMED = (
+    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE state = '{CLAIMED}' AND lease_owner = ?"
+    f" AND updated_at {{times}} RETURNING {_JOBS}"
+)
 INSERT_ATTEMPT = "INSERT INTO attempts (job_id, number, worker, started_at) VALUES (?, ?, ?, ?)"
 COMPLETE = (
     f"UPDATE jobs SET state = '{COMPLETED}', result_key = ?, result_bytes = ?, finished_at = ?, updated_at = ?,"
@@ -216,6 +228,7 @@ INSERT_BUNDLE = (
     "INSERT INTO bundles (id, backend, model_key, state, worker, status_history, job_count, created_at)"
     " VALUES (?, ?, ?, ?, ?, '[]', ?, ?)"
 )
+BUNDLE_OF_WORKER = "SELECT 1 FROM bundles WHERE id = ? AND worker = ?"
 START_JOBS = f"UPDATE jobs SET state = '{RUNNING}', bundle_id = ?, updated_at = ? WHERE id {{ids}} AND lease_owner = ?"
 START_ATTEMPTS = "UPDATE attempts SET bundle_id = ? WHERE job_id {ids} AND finished_at IS NULL"
 RENEW = f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id {{ids}} AND lease_owner = ? AND {_HELD}"
@@ -226,6 +239,16 @@ RELEASE = (
 RELEASE_ATTEMPTS = (
     "UPDATE attempts SET finished_at = ?, outcome = 'released' WHERE job_id IN"
     f" (SELECT id FROM jobs WHERE state = '{QUEUED}' AND updated_at = ?) AND finished_at IS NULL AND worker = ?"
+)
+# Back to the queue for a while with no attempt spent: the backend, not the job, was at fault.
+DEFER = (
+    f"UPDATE jobs SET state = '{QUEUED}', not_before = ?, error = ?, updated_at = ?, lease_owner = NULL,"
+    f" lease_expires_at = NULL, attempts = {{max}}(attempts - 1, 0) WHERE id {{ids}} AND lease_owner = ?"
+    f" AND {_LOCAL_HELD}"
+)
+DEFER_ATTEMPTS = (
+    "UPDATE attempts SET finished_at = ?, outcome = 'deferred', error = ?"
+    " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
 )
 STATE_OF = "SELECT state FROM jobs WHERE id = ?"
 CANCEL = (
@@ -244,6 +267,7 @@ JOB_BY_KEY = (
 # Ids are lowercase hex, so the ids starting with PREFIX are those in [PREFIX, PREFIX + "g").
 JOBS_BY_PREFIX = f"SELECT {_JOBS} FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2"
 JOBS_BY_IDS = f"SELECT {_JOBS} FROM jobs WHERE id {{ids}}"
+STATES_BY_IDS = "SELECT id, state FROM jobs WHERE id {ids}"
 DONE_BY_KEY = (
     f'SELECT {_JOBS} FROM jobs WHERE "key" = ? AND state IN ({_DONE_SQL}) AND result_key IS NOT NULL'
     " ORDER BY finished_at DESC LIMIT 1"
@@ -304,9 +328,11 @@ class _Sql:
 
 
 class Queue:
-    def __init__(self, engine: Database | Engine) -> None:
+    def __init__(self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
         #: What the queue was opened on: a `Database` from `open_database`, or an Engine.
         self.engine = engine
+        #: How long each operation retries while the database is unreachable (0: not at all).
+        self.db_retry_s = db_retry_s
         self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
         self.is_postgres = self.db.dialect_name == "postgresql"
         self._sql = _Sql(self.db.dialect_name)
@@ -327,13 +353,28 @@ class Queue:
         if not new_jobs:
             return []
         t = now()
+        return call_with_retry(
+            lambda rerun: self._enqueue(new_jobs, t, rerun), window_s=self.db_retry_s, database=self.engine,
+            name="enqueue",
+        )
+
+    def _enqueue(self, new_jobs: Sequence[NewJob], t: float, rerun: bool) -> list[Enqueued]:
+        """`enqueue`'s transaction. A re-run whose first run committed unseen finds its jobs by
+        id (a job's id is chosen before the first run) and does not insert them again."""
         out: list[Enqueued] = []
         rows: list[tuple[Any, ...]] = []
         dumps = _params_json
         with self.db.cursor(write=True) as cur:
+            inserted = self._states_by_id(cur, [j.id for j in new_jobs]) if rerun else {}
             existing = self._existing_by_key(cur, {j.key for j in new_jobs if not j.force})
             seen_in_batch: dict[str, Enqueued] = {}
             for i, job in enumerate(new_jobs):
+                if job.id in inserted:
+                    entry = Enqueued(job.id, inserted[job.id])
+                    out.append(entry)
+                    if entry.state == QUEUED:
+                        seen_in_batch[job.key] = entry
+                    continue
                 created = t + i * 1e-6  # keeps a batch's order in the claim order (oldest first)
                 hit = None if job.force else (seen_in_batch.get(job.key) or existing.get(job.key))
                 if hit is not None and hit.state in ACTIVE_VALUES:
@@ -354,6 +395,14 @@ class Queue:
             if rows:
                 cur.executemany(self._sql(INSERT_JOB), rows)
         return out
+
+    def _states_by_id(self, cur: Any, job_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for chunk in self._sql.chunks(list(job_ids)):
+            in_sql, params = self._sql.in_(chunk)
+            cur.execute(self._sql(STATES_BY_IDS, ids=in_sql), params)
+            found.update((job_id, state) for job_id, state in cur.fetchall())
+        return found
 
     def _existing_by_key(self, cur: Any, keys: set[str]) -> dict[str, Any]:
         """For each key, the job that best stands for it: a done one first, then an active one."""
@@ -376,18 +425,42 @@ class Queue:
 
     def claim(self, worker: str, limit: int, lease_s: float, backend: str | None = None) -> list[JobRow]:
         """Take up to `limit` runnable jobs for `worker`, highest priority and oldest first."""
-        t = now()
+        runs: list[float] = []  # the time of each run so far
+
+        def run(_rerun: bool) -> list[JobRow]:
+            t = now()
+            earlier = list(runs)
+            runs.append(t)
+            return self._claim(worker, limit, lease_s, backend, t, earlier)
+
+        claimed = call_with_retry(run, window_s=self.db_retry_s, database=self.engine, name="claim")
+        claimed.sort(key=lambda r: (-r.priority, r.created_at, r.id))
+        return claimed
+
+    def _claim(
+        self, worker: str, limit: int, lease_s: float, backend: str | None, t: float, earlier: Sequence[float]
+    ) -> list[JobRow]:
+        """`claim`'s transaction at time `t`; `earlier`: the times of this claim's failed runs.
+
+        A failed run may have committed unseen: the jobs it leased to `worker` (at one of those
+        times) are returned, on a fresh lease, instead of claiming more. Their attempts are
+        already recorded."""
         sql = self._claim_sql[backend is not None]
         params: tuple[Any, ...] = (worker, t + lease_s, t, t, t)
         params += (backend, limit) if backend is not None else (limit,)
         with self.db.cursor(write=True) as cur:
+            if earlier:
+                in_sql, times = self._sql.in_(earlier)
+                cur.execute(self._sql(ADOPT_CLAIMED, times=in_sql), [t + lease_s, t, worker, *times])
+                adopted = [_job_row(r) for r in cur.fetchall()]
+                if adopted:
+                    return adopted
             self._requeue_expired(cur, t)
             cur.execute(sql, params)
             claimed = [_job_row(r) for r in cur.fetchall()]
             if not claimed:
                 return []
             cur.executemany(self._sql(INSERT_ATTEMPT), [(r.id, r.attempts, worker, t) for r in claimed])
-        claimed.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return claimed
 
     def _requeue_expired(self, cur: Any, t: float) -> int:
@@ -406,6 +479,7 @@ class Queue:
             in_sql, ids = self._sql.in_(chunk)
             cur.execute(self._sql(LOSE_ATTEMPTS, ids=in_sql), [t, *ids])
 
+    @retried
     def renew_leases(self, worker: str, job_ids: Sequence[str], lease_s: float) -> int:
         t = now()
         n = 0
@@ -418,16 +492,34 @@ class Queue:
 
     def start_bundle(self, worker: str, backend: str, model_key: str, job_ids: Sequence[str]) -> str:
         """Record one request to a backend and move its jobs to `running`."""
-        bundle_id = new_id()
+        bundle_id = new_id()  # chosen once, so a re-run finds the bundle its first run made
+        call_with_retry(
+            lambda rerun: self._start_bundle(bundle_id, worker, backend, model_key, job_ids, rerun),
+            window_s=self.db_retry_s, database=self.engine, name="start_bundle",
+        )
+        return bundle_id
+
+    def _start_bundle(
+        self, bundle_id: str, worker: str, backend: str, model_key: str, job_ids: Sequence[str], rerun: bool
+    ) -> None:
+        """`start_bundle`'s transaction. A re-run whose first run committed unseen finds the bundle
+        row and does not insert it again; moving the jobs is the same either way."""
         t = now()
         with self.db.cursor(write=True) as cur:
-            cur.execute(self._sql(INSERT_BUNDLE), (bundle_id, backend, model_key, "running", worker, len(job_ids), t))
+            exists = False
+            if rerun:
+                cur.execute(self._sql(BUNDLE_OF_WORKER), (bundle_id, worker))
+                exists = cur.fetchone() is not None
+            if not exists:
+                cur.execute(
+                    self._sql(INSERT_BUNDLE), (bundle_id, backend, model_key, "running", worker, len(job_ids), t)
+                )
             for chunk in self._sql.chunks(list(job_ids)):
                 in_sql, ids = self._sql.in_(chunk)
                 cur.execute(self._sql(START_JOBS, ids=in_sql), [bundle_id, t, *ids, worker])
                 cur.execute(self._sql(START_ATTEMPTS, ids=in_sql), [bundle_id, *ids])
-        return bundle_id
 
+    @retried
     def finish(
         self,
         worker: str,
@@ -469,6 +561,7 @@ class Queue:
                 cur.execute(sql(FINISH_BUNDLE), (state, t, bundle_error, bundle_id))
         return counts
 
+    @retried
     def fail_permanently(self, worker: str, failed: Sequence[tuple[str, str]], bundle_id: str | None = None) -> int:
         """Fail jobs with no retry: errors that no second attempt can fix (bad params, bad code)."""
         t = now()
@@ -480,6 +573,24 @@ class Queue:
                 cur.execute(self._sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id, worker))
         return n
 
+    @retried
+    def defer(self, worker: str, job_ids: Sequence[str], error: str, delay_s: float, bundle_id: str | None = None) -> int:
+        """Put held jobs back in the queue for `delay_s` without spending an attempt, saying why:
+        the backend could not take them (NDIF unreachable), through no fault of theirs. Only jobs
+        still leased to `worker` are touched, so running it twice changes nothing."""
+        t = now()
+        deferred = 0
+        with self.db.cursor(write=True) as cur:
+            for chunk in self._sql.chunks(list(job_ids)):
+                in_sql, ids = self._sql.in_(chunk)
+                cur.execute(self._sql(DEFER, max=self._sql.max, ids=in_sql), [t + delay_s, error, t, *ids, worker])
+                deferred += max(cur.rowcount, 0)
+                cur.execute(self._sql(DEFER_ATTEMPTS, ids=in_sql), [t, error, *ids, worker])
+            if bundle_id is not None:
+                cur.execute(self._sql(FINISH_BUNDLE), ("failed", t, error, bundle_id))
+        return deferred
+
+    @retried
     def release(self, worker: str, job_ids: Sequence[str] | None = None) -> int:
         """Give held jobs back to the queue untouched (a worker shutting down)."""
         t = now()
@@ -499,6 +610,7 @@ class Queue:
 
     # -- user actions ----------------------------------------------------------------
 
+    @retried
     def cancel(self, job_ids: Sequence[str]) -> dict[str, str]:
         """Cancel jobs that have not finished. Returns each id's state afterwards."""
         t = now()
@@ -516,6 +628,7 @@ class Queue:
                     out[job_id] = row[0]
         return out
 
+    @retried
     def retry(self, job_ids: Sequence[str]) -> dict[str, str]:
         """Queue failed, cancelled or completed jobs again with a fresh attempt budget."""
         t = now()
@@ -540,10 +653,12 @@ class Queue:
             cur.execute(sql, params)
             return cur.fetchall()
 
+    @retried
     def counts(self) -> dict[str, int]:
         found = {state: n for state, n in self._all(self._sql(COUNTS))}
         return {s: found.get(s, 0) for s in JOB_STATES}
 
+    @retried
     def list_jobs(
         self,
         state: str | None = None,
@@ -572,6 +687,7 @@ class Queue:
             params.append(limit)
         return [_job_row(r) for r in self._all(self._sql(sql), params)]
 
+    @retried
     def get(self, job_ref: str) -> JobRow:
         """A job by id, unique id prefix, or cache key. Raises `JobNotFound`."""
         ref = job_ref.strip().lower()
@@ -597,6 +713,7 @@ class Queue:
                     raise JobNotFound(f"job id prefix {job_ref!r} is ambiguous: give more characters")
         raise JobNotFound(f"no job {job_ref!r}")
 
+    @retried
     def get_many(self, job_ids: Sequence[str]) -> list[JobRow]:
         out: list[JobRow] = []
         with self.db.cursor() as cur:
@@ -606,45 +723,55 @@ class Queue:
                 out.extend(_job_row(r) for r in cur.fetchall())
         return out
 
+    @retried
     def done_by_key(self, key: str) -> JobRow | None:
         """The newest job that holds a result for `key`, if any."""
         rows = self._all(self._sql(DONE_BY_KEY), (key,))
         return _job_row(rows[0]) if rows else None
 
+    @retried
     def attempts_of(self, job_id: str) -> list[AttemptRow]:
         return [AttemptRow._make(r) for r in self._all(self._sql(ATTEMPTS_OF), (job_id,))]
 
+    @retried
     def bundle(self, bundle_id: str) -> BundleRow | None:
         rows = self._all(self._sql(BUNDLE), (bundle_id,))
         return BundleRow._make(rows[0]) if rows else None
 
+    @retried
     def bundles_in_state(self, state: str) -> list[BundleRow]:
         """Bundles in `state` (e.g. `submitted`: waiting at NDIF), oldest first."""
         return [BundleRow._make(r) for r in self._all(self._sql(BUNDLES_IN_STATE), (state,))]
 
+    @retried
     def lease_expired_counts(self) -> dict[str, int]:
         """Held jobs whose worker stopped renewing its lease, per state: the next worker takes
         them (claimed/running back to the queue, submitted re-attached by NDIF job id)."""
         return {state: n for state, n in self._all(self._sql(LEASE_EXPIRED_COUNTS), (now(),))}
 
+    @retried
     def retry_waiting(self) -> tuple[int, float | None]:
         """Queued jobs waiting out a retry delay after an error, and when the first is due."""
         n, first = self._all(self._sql(RETRY_WAITING), (now(),))[0]
         return int(n), first
 
+    @retried
     def waiting_count(self, backend: str | None = None) -> int:
         """Unfinished jobs (of `backend`) that a worker may still run or wait on, whoever holds them."""
         sql = self._sql(WAITING, backend=" AND backend = ?" if backend else "")
         return int(self._all(sql, (backend,) if backend else ())[0][0])
 
+    @retried
     def pending_count(self) -> int:
         """Unfinished jobs not (yet) at NDIF: queued, claimed or running."""
         return int(self._all(self._sql(PENDING))[0][0])
 
+    @retried
     def stored_bytes(self) -> int:
         """Bytes of stored results, each result counted once however many jobs share it."""
         return int(self._all(self._sql(STORED_BYTES))[0][0])
 
+    @retried
     def result_keys_in_use(self) -> dict[str, str]:
         """Every result key a job points at, with that job's state (for `gc`)."""
         return {k: s for k, s in self._all(self._sql(RESULT_KEYS))}

@@ -4,6 +4,9 @@ NDIF has no idempotency (a second POST is a second job), so the NDIF job id is c
 bundle row, and its jobs moved to `submitted`, right after the POST and before the worker waits.
 A worker that dies leaves `submitted` jobs whose leases run out; the next worker (or the same
 one restarted) takes them over here and polls NDIF by that id instead of sending them again.
+
+Like the queue's, every method rides out a database that is briefly unreachable by running its
+transaction again (`retry.py`); each is safe to re-run after a COMMIT that went through unseen.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from sqlalchemy import Engine, and_, select, update
 
 from .engine import write_transaction
 from .queue import LEASE_EXPIRED
+from .retry import DEFAULT_RETRY_S, call_with_retry, retried
 from .tables import BundleState, JobState, attempts, bundles, jobs, now
 
 
 class RemoteBundles:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
+        #: A `Database` (the queue's) or an Engine: SQLAlchemy statements run on either.
         self.engine = engine
+        #: How long each operation retries while the database is unreachable (0: not at all).
+        self.db_retry_s = db_retry_s
 
+    @retried
     def mark_submitted(
         self, worker: str, bundle_id: str, remote_job_id: str, job_ids: list[str], deadline: float | None,
         payload_bytes: int | None = None,
@@ -29,7 +37,7 @@ class RemoteBundles:
         t = now()
         with write_transaction(self.engine) as conn:
             history = self._history(conn, bundle_id)
-            history.append({"status": "SUBMITTED", "at": t, "description": f"NDIF job {remote_job_id}"})
+            _append_once(history, {"status": "SUBMITTED", "at": t, "description": f"NDIF job {remote_job_id}"})
             conn.execute(
                 update(bundles)
                 .where(bundles.c.id == bundle_id)
@@ -48,30 +56,34 @@ class RemoteBundles:
                 .values(state=JobState.SUBMITTED.value, bundle_id=bundle_id, updated_at=t)
             )
 
+    @retried
     def record_status(self, bundle_id: str, status: str, description: str = "") -> bool:
         """Append a status to the bundle's history when it differs from the last one."""
         t = now()
+        description = description[:500]  # as stored, so that a repeat compares equal
         with write_transaction(self.engine) as conn:
             history = self._history(conn, bundle_id)
             last = history[-1] if history else {}
             if last.get("status") == status and last.get("description", "") == description:
                 return False
-            history.append({"status": status, "at": t, "description": description[:500]})
+            history.append({"status": status, "at": t, "description": description})
             conn.execute(
                 update(bundles).where(bundles.c.id == bundle_id).values(status_history=json.dumps(history[-200:]))
             )
         return True
 
+    @retried
     def set_result_bytes(self, bundle_id: str, size: int) -> None:
         with write_transaction(self.engine) as conn:
             conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(result_bytes=size))
 
+    @retried
     def abandon(self, bundle_id: str, reason: str) -> None:
         """Give up on a request (deadline passed): a late answer for it is ignored."""
         t = now()
         with write_transaction(self.engine) as conn:
             history = self._history(conn, bundle_id)
-            history.append({"status": "ABANDONED", "at": t, "description": reason})
+            _append_once(history, {"status": "ABANDONED", "at": t, "description": reason})
             conn.execute(
                 update(bundles)
                 .where(bundles.c.id == bundle_id)
@@ -80,9 +92,29 @@ class RemoteBundles:
 
     def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[Any, list[Any]]]:
         """Submitted bundles whose worker stopped renewing its leases, now leased to `worker`."""
-        t = now()
+        runs: list[float] = []  # the time of each run so far
+
+        def run(_rerun: bool) -> list[tuple[Any, list[Any]]]:
+            t = now()
+            earlier = list(runs)
+            runs.append(t)
+            return self._take_over(worker, lease_s, limit, t, earlier)
+
+        return call_with_retry(run, window_s=self.db_retry_s, database=self.engine, name="take_over")
+
+    def _take_over(
+        self, worker: str, lease_s: float, limit: int, t: float, earlier: list[float]
+    ) -> list[tuple[Any, list[Any]]]:
+        """`take_over`'s transaction at time `t`; `earlier`: the times of this call's failed runs.
+
+        A failed run may have committed unseen: the bundles whose jobs it leased to `worker`
+        (at one of those times) are returned, on a fresh lease, instead of taking more."""
         out = []
         with write_transaction(self.engine) as conn:
+            if earlier:
+                taken = self._adopt_taken(conn, worker, earlier, t, lease_s)
+                if taken:
+                    return taken
             orphaned = conn.execute(
                 select(jobs.c.bundle_id)
                 .where(jobs.c.state == JobState.SUBMITTED.value, jobs.c.lease_expires_at < t)
@@ -119,6 +151,28 @@ class RemoteBundles:
                 out.append((bundle, held))
         return out
 
+    @staticmethod
+    def _adopt_taken(
+        conn: Any, worker: str, earlier: list[float], t: float, lease_s: float
+    ) -> list[tuple[Any, list[Any]]]:
+        """The bundles whose submitted jobs were leased to `worker` at one of the `earlier` times
+        (nothing else gives them that `updated_at`), with those jobs, now on a fresh lease."""
+        mine = (jobs.c.state == JobState.SUBMITTED.value, jobs.c.lease_owner == worker)
+        conn.execute(
+            update(jobs).where(*mine, jobs.c.updated_at.in_(earlier)).values(lease_expires_at=t + lease_s, updated_at=t)
+        )
+        held = conn.execute(select(jobs).where(*mine, jobs.c.updated_at == t)).all()
+        by_bundle: dict[str, list[Any]] = {}
+        for job in held:
+            by_bundle.setdefault(job.bundle_id, []).append(job)
+        out = []
+        for bundle_id, bundle_jobs in by_bundle.items():
+            bundle = conn.execute(select(bundles).where(bundles.c.id == bundle_id)).first()
+            if bundle is not None:
+                out.append((bundle, bundle_jobs))
+        return out
+
+    @retried
     def hand_back(self, worker: str) -> int:
         """A stopping worker's `submitted` jobs: leases ended now, so the next worker re-attaches at once."""
         t = now()
@@ -130,6 +184,7 @@ class RemoteBundles:
             )
         return result.rowcount or 0
 
+    @retried
     def rebind(self, job_id: str, **values: Any) -> None:
         """Point a held job at another backend/model (and so another cache key)."""
         with write_transaction(self.engine) as conn:
@@ -143,3 +198,11 @@ class RemoteBundles:
         except ValueError:
             history = []
         return history if isinstance(history, list) else []
+
+
+def _append_once(history: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Append `entry` unless the history already ends with it (a re-run after a lost COMMIT)."""
+    last = history[-1] if history else {}
+    if last.get("status") == entry["status"] and last.get("description", "") == entry.get("description", ""):
+        return
+    history.append(entry)

@@ -8,6 +8,7 @@ proxy forwards every request to the real API and, when told to, answers in their
     proxy.inject("submit", "503", times=2)     # the next two POST /request get a 503
     proxy.inject("download", "truncate")       # the next result download is cut short
     proxy.latency_s["submit"] = 2.0            # every POST /request waits 2 s (queue latency)
+    proxy.down = True                          # NDIF is down: every connection is cut, unanswered
 
 Result URLs in COMPLETED answers are rewritten to pass through the proxy as well (NDIF hands
 out presigned object-store URLs), so downloads can be faulted too. Counters say what it saw.
@@ -43,6 +44,8 @@ class FaultProxy:
         #: Submissions to swallow: NDIF gets them, but every poll of their id answers 404 ("no
         #: status yet"), as when a replica dies and its request waits forever.
         self.stall_submissions = 0
+        #: While set, NDIF is down: every request's connection is cut without an answer.
+        self.down = False
         self.stalled: set[str] = set()
         self._client = httpx.Client(timeout=120)
 
@@ -144,6 +147,10 @@ class FaultProxy:
                 kind = self._kind()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.down:
+                    with proxy._lock:
+                        proxy.injected[f"{kind}:down"] += 1
+                    return self._drop()
                 fault = proxy._take(kind)
                 extra = proxy.latency_s.get(kind, 0.0)
                 if extra:
