@@ -13,7 +13,8 @@ What it does, all with real processes against the real local NDIF (scripts/ndif-
 3. for a bounded time, keeps several `ndif-jobs worker --until-empty` processes running against a
    fault-injecting proxy (scripts/ndif_local/faultproxy.py), and at random: SIGKILLs a worker and
    starts another, injects a 503 / 429 / dropped connection / truncated or corrupt download / bad
-   poll answer, adds latency, and restarts the NDIF API once (when it knows the stack's folder);
+   poll answer, adds latency, takes NDIF down for a few seconds, and restarts the NDIF API once
+   (when it knows the stack's folder);
 4. stops the chaos, kills the workers, and drains the queue with one clean worker;
 5. checks: every job is completed, or failed with a non-empty error; one result folder per stored
    key and none stored twice (no replaced `.corrupt-` copies, no `.tmp-` leftovers, no folder
@@ -238,6 +239,11 @@ def chaos(args: argparse.Namespace, rng: random.Random, stack: Stack, proxy: Fau
             kind = rng.choice(("submit", "poll", "download"))
             proxy.latency_s[kind] = rng.choice((0.0, 0.3, 1.0))
             actions["latency changed"] += 1
+        elif roll < 0.90 and not proxy.down:
+            # NDIF down for a while: every connection through the proxy is cut, unanswered.
+            proxy.down = True
+            threading.Timer(rng.uniform(1.0, 4.0), setattr, args=(proxy, "down", False)).start()
+            actions["NDIF down (every connection cut)"] += 1
         if restart_at is not None and time.time() >= restart_at:
             # In a thread: the API takes 10-20 s to come back, and the chaos goes on meanwhile.
             restart_at = None
@@ -249,6 +255,7 @@ def chaos(args: argparse.Namespace, rng: random.Random, stack: Stack, proxy: Fau
         time.sleep(rng.uniform(0.5, args.tick_s))
     if restarter is not None:
         restarter.join(timeout=180)  # the clean drain needs the API back
+    proxy.down = False
     return actions
 
 
@@ -307,6 +314,7 @@ def check(home: Path, env: dict[str, str], stack: Stack, requests_before: int | 
         ("workers SIGKILLed", workers.killed),
         ("faults injected by proxy", sum(proxy.injected.values())),
         ("API restarts", actions.get("API restarted", 0)),
+        ("NDIF outages", actions.get("NDIF down (every connection cut)", 0)),
         ("max attempts of a job", max((r[4] for r in rows), default=0)),
     ]
     width = max(len(name) for name, _ in rows_out)
