@@ -73,6 +73,20 @@ def test_experiment_error_fails_its_job_alone(env, tmp_path) -> None:  # type: i
     assert failed["attempts"] == 1  # an experiment's own error is not blind-retried
 
 
+def test_a_prompt_longer_than_the_models_context_fails_its_job_alone(env, tiny_gpt2) -> None:  # type: ignore[no-untyped-def]
+    # GPT-2's learned positions end at 128 here: past them torch would raise an opaque index error.
+    long_prompt = " ".join(["word"] * 400)
+    good = json.loads(run_cli("submit", "activations", "-m", str(tiny_gpt2), "--json", "-p", "prompt=Hello", env=env,
+                              check=True).stdout)
+    bad = json.loads(run_cli("submit", "activations", "-m", str(tiny_gpt2), "--json", "-p", f"prompt={long_prompt}",
+                             env=env, check=True).stdout)
+    run_cli("worker", "--until-empty", env=env, check=True)
+    assert json.loads(run_cli("show", good["id"], "--json", env=env).stdout)["state"] == "completed"
+    failed = json.loads(run_cli("show", bad["id"], "--json", env=env).stdout)
+    assert failed["state"] == "failed" and failed["attempts"] == 1
+    assert "tokens long: this model reads at most 128" in failed["error"]
+
+
 def test_cancel_and_retry(env) -> None:  # type: ignore[no-untyped-def]
     job = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hi", "-p", "layers=[0]", env=env, check=True).stdout)
     assert run_cli("cancel", job["id"], env=env, check=True).stdout.split() == [job["id"], "cancelled"]

@@ -88,7 +88,18 @@ def tokenize(model: Any, prompt: str) -> torch.Tensor:
     ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[-1] == 0:
         raise ValueError(f"prompt {prompt!r} has no tokens")
+    limit = context_length(model)
+    if limit is not None and ids.shape[-1] > limit:
+        # Past it a model with learned positions fails with an opaque index error, and one with
+        # rotary positions runs on into numbers it was never trained for (and memory it may lack).
+        raise ValueError(f"the prompt is {ids.shape[-1]} tokens long: this model reads at most {limit}")
     return ids
+
+
+def context_length(model: Any) -> int | None:
+    """The most tokens `model` reads at once, from its config; None when it does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _pad_id(model: Any) -> int:
