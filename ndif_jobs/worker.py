@@ -149,8 +149,6 @@ class Worker:
                 if self.backend_filter != "local":
                     self._reattach()
                 jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=claim_filter)
-                if jobs:
-                    crashpoints.reached("claimed")
                 if not jobs:
                     # Jobs another worker holds count too: if it dies, their leases run out and
                     # they come back here. A `--backend local` worker never waits on NDIF.
@@ -160,6 +158,7 @@ class Worker:
                         break
                     self._stopping.wait(self.settings.poll_s)
                     continue
+                crashpoints.reached("claimed")
                 if self.backend_filter == "local":
                     jobs = [self._to_local(job) for job in jobs]
                 groups: dict[tuple[str, str, str], list[Any]] = defaultdict(list)

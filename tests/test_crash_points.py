@@ -21,29 +21,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, run_cli
+from .test_workers import PROBE as COUNTED  # `count-me`: one line per execution
 
 pytestmark = pytest.mark.slow
 
 LEASE_S = 2.0
 
-COUNTED = '''
-import os
-from ndif_jobs import experiment, Params
-from ndif_jobs.experiments.access import blocks, hidden
 
-class P(Params):
-    n: int
-    log: str
-
-@experiment("counted", params=P)
-def counted(model, p):
-    fd = os.open(p["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one atomic line per execution
-    os.write(fd, f"{p['n']}\\n".encode())
-    os.close(fd)
-    with model.trace("hello"):
-        h = hidden(blocks(model)[0].output).sum().save()
-    return {"n": p["n"], "h": h}
-'''
+def executions(log: Path) -> Counter:
+    """How many times each job's experiment ran (its `n`, the first field of each line)."""
+    return Counter(line.split()[0] for line in log.read_text().splitlines()) if log.exists() else Counter()
 
 
 def crashed_worker(env: dict[str, str], point: str) -> None:
@@ -90,24 +77,24 @@ def lost_attempts(shown: dict) -> list[str]:
 
 @pytest.mark.parametrize("point", ["claimed", "running", "storing", "stored", "finished"])
 def test_local_worker_killed_at(point, env, home, tmp_path, tiny_llama) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "counted_probe.py").write_text(COUNTED)
-    env = {**env, "NDIF_JOBS_IMPORTS": "counted_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_LEASE_S": str(LEASE_S)}
+    (tmp_path / "count_probe.py").write_text(COUNTED)
+    env = {**env, "NDIF_JOBS_IMPORTS": "count_probe", "PYTHONPATH": str(tmp_path), "NDIF_JOBS_LEASE_S": str(LEASE_S)}
     log = tmp_path / "executions.log"
     (tmp_path / "params.json").write_text(json.dumps([{"n": i, "log": str(log)} for i in range(3)]))
-    out = run_cli("submit", "counted", "-m", str(tiny_llama), "--params-file", str(tmp_path / "params.json"), "--json",
+    out = run_cli("submit", "count-me", "-m", str(tiny_llama), "--params-file", str(tmp_path / "params.json"), "--json",
                   env=env, check=True).stdout
     doc = json.loads(out)
     job_ids = [row["id"] for row in (doc if isinstance(doc, list) else doc.get("jobs", [doc]))]
 
     crashed_worker(env, point)
-    ran_before = Counter(log.read_text().split()) if log.exists() else Counter()
+    ran_before = executions(log)
     expected_held = {} if point == "finished" else {"claimed" if point == "claimed" else "running": 3}
     assert held_after_lease(env) == expected_held
     if point == "storing":  # died mid-write: a temporary folder, never a half-written result
         assert [p.name for p in (home / "results").iterdir() if p.name.startswith(".tmp-")]
 
     shown = check_recovered(env, home, job_ids)
-    runs = Counter(log.read_text().split())
+    runs = executions(log)
     assert sorted(runs) == ["0", "1", "2"]
     if point in ("claimed", "running"):
         assert ran_before == Counter() and set(runs.values()) == {1}  # nothing had run: each ran once

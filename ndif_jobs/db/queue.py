@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, JobNotFound, StoreError
 from .engine import Database
-from .retry import DEFAULT_RETRY_S, call_with_retry, retried
+from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, call_with_retry, retried
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -425,15 +425,10 @@ class Queue:
 
     def claim(self, worker: str, limit: int, lease_s: float, backend: str | None = None) -> list[JobRow]:
         """Take up to `limit` runnable jobs for `worker`, highest priority and oldest first."""
-        runs: list[float] = []  # the time of each run so far
-
-        def run(_rerun: bool) -> list[JobRow]:
-            t = now()
-            earlier = list(runs)
-            runs.append(t)
-            return self._claim(worker, limit, lease_s, backend, t, earlier)
-
-        claimed = call_with_retry(run, window_s=self.db_retry_s, database=self.engine, name="claim")
+        claimed = call_stamped_with_retry(
+            lambda t, earlier: self._claim(worker, limit, lease_s, backend, t, earlier),
+            window_s=self.db_retry_s, database=self.engine, name="claim",
+        )
         claimed.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return claimed
 

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, and_, select, update
 
 from .engine import write_transaction
 from .queue import LEASE_EXPIRED
-from .retry import DEFAULT_RETRY_S, call_with_retry, retried
+from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
 from .tables import BundleState, JobState, attempts, bundles, jobs, now
 
 
@@ -63,10 +63,8 @@ class RemoteBundles:
         description = description[:500]  # as stored, so that a repeat compares equal
         with write_transaction(self.engine) as conn:
             history = self._history(conn, bundle_id)
-            last = history[-1] if history else {}
-            if last.get("status") == status and last.get("description", "") == description:
+            if not _append_once(history, {"status": status, "at": t, "description": description}):
                 return False
-            history.append({"status": status, "at": t, "description": description})
             conn.execute(
                 update(bundles).where(bundles.c.id == bundle_id).values(status_history=json.dumps(history[-200:]))
             )
@@ -92,15 +90,10 @@ class RemoteBundles:
 
     def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[Any, list[Any]]]:
         """Submitted bundles whose worker stopped renewing its leases, now leased to `worker`."""
-        runs: list[float] = []  # the time of each run so far
-
-        def run(_rerun: bool) -> list[tuple[Any, list[Any]]]:
-            t = now()
-            earlier = list(runs)
-            runs.append(t)
-            return self._take_over(worker, lease_s, limit, t, earlier)
-
-        return call_with_retry(run, window_s=self.db_retry_s, database=self.engine, name="take_over")
+        return call_stamped_with_retry(
+            lambda t, earlier: self._take_over(worker, lease_s, limit, t, earlier),
+            window_s=self.db_retry_s, database=self.engine, name="take_over",
+        )
 
     def _take_over(
         self, worker: str, lease_s: float, limit: int, t: float, earlier: list[float]
@@ -200,9 +193,11 @@ class RemoteBundles:
         return history if isinstance(history, list) else []
 
 
-def _append_once(history: list[dict[str, Any]], entry: dict[str, Any]) -> None:
-    """Append `entry` unless the history already ends with it (a re-run after a lost COMMIT)."""
+def _append_once(history: list[dict[str, Any]], entry: dict[str, Any]) -> bool:
+    """Append `entry` unless the history already ends with the same status and description (a
+    repeated poll, or a re-run after a lost COMMIT); returns whether it was appended."""
     last = history[-1] if history else {}
     if last.get("status") == entry["status"] and last.get("description", "") == entry.get("description", ""):
-        return
+        return False
     history.append(entry)
+    return True

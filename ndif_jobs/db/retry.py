@@ -150,6 +150,25 @@ def call_with_retry(operation: Callable[[bool], T], *, window_s: float, database
         raise StoreError(_gave_up_message(database, name, exc, window_s, elapsed)) from exc
 
 
+def call_stamped_with_retry(
+    operation: Callable[[float, list[float]], T], *, window_s: float, database: Any, name: str
+) -> T:
+    """`call_with_retry` for a transaction that stamps the rows it takes with its own time.
+
+    Each run gets its time and the times of the runs before it, so that it can find what an
+    earlier run committed unseen (rows stamped with one of those times) instead of taking more:
+    `claim` and `take_over`."""
+    runs: list[float] = []
+
+    def run(_rerun: bool) -> T:
+        t = time.time()
+        earlier = list(runs)
+        runs.append(t)
+        return operation(t, earlier)
+
+    return call_with_retry(run, window_s=window_s, database=database, name=name)
+
+
 def _retry(operation: Callable[[bool], T], first: BaseException, window_s: float, database: Any, name: str) -> T:
     """The tries after the first failure, under tenacity (imported only now: 50 ms)."""
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random_exponential
