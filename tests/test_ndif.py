@@ -300,6 +300,44 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
         proxy.stop()
 
 
+def test_worker_stopped_while_ndif_is_down_leaves_at_once(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM while NDIF is unreachable mid-wait, with the default two-minute HTTP retry window:
+    the worker leaves within seconds (not after the window), exit 0, the request left at NDIF; the
+    next worker re-attaches to it once NDIF is back and nothing is sent twice."""
+    (tmp_path / "slow_probe.py").write_text(SLOW)
+    proxy = FaultProxy(local_ndif.host).start()
+    try:
+        env = local_ndif.client_env(ndif_env, host=proxy.url)
+        env.update(NDIF_JOBS_IMPORTS="slow_probe", PYTHONPATH=str(tmp_path), NDIF_JOBS_RETRY_BACKOFF_S="20",
+                   NDIF_JOBS_RETRY_BACKOFF_MAX_S="60", NDIF_JOBS_HTTP_RETRIES="20", NDIF_JOBS_HTTP_RETRY_MAX_S="300")
+        before = local_ndif.requests()
+        (job,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 3.0})])
+        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for_submission(home)
+        proxy.down = True
+        _wait_until(lambda: proxy.injected["poll:down"] >= 1, what="a cut-off poll")
+        time.sleep(1.0)  # inside the first backoff delay (up to 20 s) now
+        stopped_at = time.time()
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+        took = time.time() - stopped_at
+        assert worker.returncode == 0, err[-2000:]
+        assert took < 8, f"the stopping worker took {took:.1f} s to leave"
+        assert json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)["state"] == "submitted"
+
+        proxy.down = False
+        took_over_at = time.time()  # the stopped worker handed its lease back: no 5-minute lease to sit out
+        run_cli("worker", "--until-empty", env=env, check=True, timeout=300)
+        assert time.time() - took_over_at < 120
+        shown = json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)
+        assert (shown["state"], shown["attempts"]) == ("completed", 1), (shown["error"], shown["attempt_history"])
+        assert local_ndif.requests() - before == 1  # re-attached, not sent again
+        assert len(result_folders(home)) == 1
+    finally:
+        proxy.stop()
+
+
 def test_unanswered_request_is_resent_after_its_deadline(ndif_env, local_ndif, home) -> None:  # type: ignore[no-untyped-def]
     """NDIF never answers the first request (as when a replica dies): past the deadline it is resent."""
     proxy = FaultProxy(local_ndif.host).start()

@@ -43,6 +43,18 @@ log = get_logger("ndif_jobs.ndif")
 FINAL = ("COMPLETED", "ERROR")
 
 
+def _never() -> bool:
+    return False
+
+
+def pause(seconds: float, should_stop: Callable[[], bool] = _never) -> None:
+    """Sleep, but wake as soon as `should_stop()` says so: a stopping worker must not sit out
+    a retry delay of minutes while NDIF is down."""
+    end = time.monotonic() + seconds
+    while not should_stop() and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.2))
+
+
 class Transient(NdifJobsError):
     """Worth another try: the network, the server's load, a broken download."""
 
@@ -137,12 +149,16 @@ class NdifClient:
     def close(self) -> None:
         self._http.close()
 
-    def _retrying(self) -> Retrying:
+    def _retrying(self, should_stop: Callable[[], bool] = _never) -> Retrying:
+        """Backoff with jitter for `Transient` errors; gives up early (re-raising the last error)
+        once `should_stop()` is true."""
         return Retrying(
             retry=retry_if_exception_type(Transient),
             wait=wait_random_exponential(multiplier=self.settings.retry_backoff_s / 2 or 0.01,
                                          max=self.settings.retry_backoff_max_s),
-            stop=stop_after_attempt(self.settings.http_retries) | stop_after_delay(self.settings.http_retry_max_s),
+            stop=(stop_after_attempt(self.settings.http_retries) | stop_after_delay(self.settings.http_retry_max_s)
+                  | (lambda _state: should_stop())),
+            sleep=lambda seconds: pause(seconds, should_stop),
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "retrying NDIF", attempt=state.attempt_number, error=str(state.outcome.exception())
@@ -188,7 +204,7 @@ class NdifClient:
 
         return self._retrying()(once)
 
-    def status(self, remote_id: str) -> Status | None:
+    def status(self, remote_id: str, should_stop: Callable[[], bool] = _never) -> Status | None:
         """The job's latest status, or None while NDIF has none recorded yet (404)."""
 
         def once() -> Status | None:
@@ -205,7 +221,7 @@ class NdifClient:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise Transient(f"NDIF answered a poll with something unreadable: {response.text[:200]!r}") from None
 
-        return self._retrying()(once)
+        return self._retrying(should_stop)(once)
 
     def download(self, url: str) -> bytes:
         """The result blob, whole: a short read is an error, not a result."""
@@ -363,12 +379,14 @@ class NdifBackend:
 
     def wait(
         self, remote_id: str, job_ids: list[str], deadline: float | None,
-        on_status: Callable[[Status], None], should_stop: Callable[[], bool] = lambda: False,
+        on_status: Callable[[Status], None], should_stop: Callable[[], bool] = _never,
     ) -> dict[str, JobOutcome] | None:
         """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop.
 
         While NDIF cannot be reached the request is still there: polling goes on (each poll
-        already retried with backoff) until NDIF is back or the deadline passes.
+        already retried with backoff) until NDIF is back or the deadline passes. A stop is
+        heeded within a fraction of a second, even mid-retry: the request stays at NDIF and the
+        next worker re-attaches to it.
         """
         delay = self.settings.poll_min_s
         last: str | None = None
@@ -380,7 +398,7 @@ class NdifBackend:
             if should_stop():
                 raise Transient("the worker is stopping")
             try:
-                status = self.client.status(remote_id)
+                status = self.client.status(remote_id, should_stop)
                 if status is not None and status.status == "COMPLETED":
                     outcomes = self._fetch(status, job_ids)
             except Unavailable as exc:
@@ -388,7 +406,7 @@ class NdifBackend:
                     unreachable_since = time.time()
                     log.warning("NDIF unreachable while waiting: the request stays there, polling on",
                                 remote_job=remote_id, error=str(exc))
-                time.sleep(self.settings.poll_max_s)
+                pause(self.settings.poll_max_s, should_stop)
                 continue
             if unreachable_since is not None:
                 log.info("NDIF reachable again", remote_job=remote_id,
@@ -411,7 +429,7 @@ class NdifBackend:
                     raise RemoteJobError(message)
             if status is not None and status.status == "COMPLETED":
                 return outcomes
-            time.sleep(delay)
+            pause(delay, should_stop)
             delay = min(delay * 1.5, self.settings.poll_max_s)
 
     def _fetch(self, status: Status, job_ids: list[str]) -> dict[str, JobOutcome]:
