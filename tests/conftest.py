@@ -27,6 +27,42 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`scripts/test` runs two processes with `--dist loadgroup`), tests that
+    share something outside their tmp folder run one after another in one process: every test on
+    the session's NDIF stack, the harness test with its own stack, the tests that drop and create
+    tables in the PostgreSQL database `test`, and the database-outage tests (one shared database
+    they take offline). Without xdist the marks change nothing."""
+    for item in items:
+        module = item.path.name
+        fixtures = getattr(item, "fixturenames", ())
+        if module == "test_ndif_local_harness.py":
+            group = "ndif-harness"
+        elif "local_ndif" in fixtures:
+            group = "ndif-stack"
+        elif module == "test_db_outage.py":
+            group = "db-outage"
+        elif "postgres_url" in fixtures or "postgres" in getattr(getattr(item, "callspec", None), "params", {}).values():
+            group = "postgres"  # asked for by name, or through `request.getfixturevalue` under a param
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run grouped tests side by side. pytest-xdist 3.8 groups tests by rewriting
+    `Item._nodeid`, which pytest 9.2 no longer reads: the groups would silently run in parallel
+    (two NDIF stacks, two tests dropping the same PostgreSQL tables)."""
+    import inspect
+
+    from _pytest.nodes import Node
+
+    if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in inspect.getsource(Node.nodeid.fget):
+        raise pytest.UsageError("pytest-xdist cannot group tests under this pytest: install the pytest "
+                                "pinned in constraints.txt (scripts/setup does)")
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     path = tmp_path / "home"
