@@ -129,7 +129,7 @@ def test_sigterm_finishes_the_job_in_hand_and_a_second_one_exits_at_once(probe_e
     second.send_signal(signal.SIGTERM)
     sent = time.time()
     second.communicate(timeout=30)
-    assert time.time() - sent < 1.5
+    assert time.time() - sent < 3.0  # the release on the way out is bounded at 2 s, then os._exit
     assert second.returncode not in (0, None)
     (m,) = [int(p.name.split("-")[1]) for p in running]
     assert not (marks / f"end-{m}").exists()
