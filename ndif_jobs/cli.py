@@ -73,8 +73,9 @@ def _validation_line(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
-def _service(logs: bool = False):  # type: ignore[no-untyped-def]
-    """The application service; `logs=True` for commands that log (structlog costs 40 ms)."""
+def _service(logs: bool = False, wait_for_database: bool = False):  # type: ignore[no-untyped-def]
+    """The application service; `logs=True` for commands that log (structlog costs 40 ms),
+    `wait_for_database=True` for the worker (see `Service`)."""
     from .service import Service
 
     settings = _settings()
@@ -84,7 +85,7 @@ def _service(logs: bool = False):  # type: ignore[no-untyped-def]
         configure_logging(settings.log_level, settings.log_format)
         if settings.ndif_api_key is not None:
             register_secret(settings.ndif_api_key.get_secret_value())
-    return Service(settings)
+    return Service(settings, wait_for_database=wait_for_database)
 
 
 def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
@@ -235,7 +236,7 @@ def worker(
 
     if backend is not None and backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r} (choose from: {', '.join(BACKENDS)})")
-    service = _service(logs=True)
+    service = _service(logs=True, wait_for_database=True)
     if device:
         service.settings = service.settings.model_copy(update={"device": device})
     if service.settings.offline:

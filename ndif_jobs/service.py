@@ -48,8 +48,11 @@ class Prepared:
 
 
 class Service:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, wait_for_database: bool = False) -> None:
+        """`wait_for_database`: opening the queue database rides out an outage of up to
+        `db_retry_s` (the worker), instead of failing at once (commands a person types)."""
         self.settings = settings or get_settings()
+        self.wait_for_database = wait_for_database
         if self.settings.import_modules:
             from . import experiments
 
@@ -59,7 +62,8 @@ class Service:
     def queue(self) -> Queue:
         if self.settings.database_url is None:
             ensure_private_dir(self.settings.home)
-        return Queue(open_database(self.settings.db_url), db_retry_s=self.settings.db_retry_s)
+        retry_s = self.settings.db_retry_s if self.wait_for_database else 0.0
+        return Queue(open_database(self.settings.db_url, retry_s=retry_s), db_retry_s=self.settings.db_retry_s)
 
     @cached_property
     def store(self) -> ResultStore:

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
         default=120.0,
         ge=0,
         description="How long a queue operation retries (with backoff) while the database is unreachable, "
-        "restarting or locked, before the command fails; 0: fail at once.",
+        "restarting or locked, before the command fails (the worker also waits this long for the database "
+        "when it starts); 0: fail at once.",
     )
 
     bundle_time_limit_s: float = Field(

@@ -442,3 +442,39 @@ def test_an_outage_past_the_window_stops_the_worker_and_loses_nothing(
             rows = conn.execute("SELECT outcome FROM attempts WHERE job_id = %s ORDER BY id", (job_id,))
             outcomes = [outcome for (outcome,) in rows]
             assert outcomes.count("lease expired") == 1 and outcomes[-1] == "completed", (job_id, outcomes)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_started_during_an_outage_waits_for_the_database(
+    env: dict[str, str], home: Path, tmp_path: Path, tiny_llama: Path, outage_url: str
+) -> None:
+    """A worker started (by cron, systemd...) while the database is down waits for it, within
+    `NDIF_JOBS_DB_RETRY_S`, and then runs the queue; a command a person types fails at once."""
+    n_jobs = 3
+    env = _setup_jobs(env, tmp_path, tiny_llama, outage_url, n_jobs, sleep_s=0.0, NDIF_JOBS_DB_RETRY_S="120")
+    log = tmp_path / "worker.log"
+    with database_down():
+        worker = _start_worker(env, log)
+        try:
+            def waiting() -> bool:
+                return any(e.get("event") == RETRY_EVENT and e.get("operation") == "open the database"
+                           for e in _events(log.read_text()))
+
+            _wait_until(lambda: waiting() or worker.poll() is not None, 120, "the worker met the outage")
+            assert worker.poll() is None, log.read_text()[-2000:]
+            started = time.monotonic()
+            status = run_cli("status", env=env)
+            assert status.returncode == 1 and time.monotonic() - started < 30, status.stderr
+            assert status.stderr.startswith("error: ") and NAME in status.stderr
+            assert len(status.stderr.strip().splitlines()) == 1
+            time.sleep(2.0)
+            assert worker.poll() is None, log.read_text()[-2000:]  # still waiting, not given up
+        except BaseException:
+            worker.kill()
+            worker.wait()
+            raise
+    worker.wait(timeout=300)
+    text = log.read_text()
+    assert worker.returncode == 0 and "Traceback" not in text, text[-2000:]
+    _check_outcome(env, home, tmp_path, n_jobs)

@@ -394,19 +394,37 @@ def _database_error(exc: BaseException) -> str | None:
     return None
 
 
-def open_database(url: str) -> Database:
-    """The database at `url` with its schema current, migrating on first open. Raises `StoreError`."""
+def open_database(url: str, *, retry_s: float = 0.0) -> Database:
+    """The database at `url` with its schema current, migrating on first open. Raises `StoreError`.
+
+    With `retry_s` > 0 a database that cannot be reached right now (`retry.is_transient`: a
+    PostgreSQL server restarting, a SQLite file locked) is tried again for up to that long, as
+    every queue operation is: a worker started by a scheduler during a database restart waits
+    for it. Commands a person types keep the default, 0, and hear of the outage at once."""
     database = _databases.get(url)
     if database is not None:
         return database
     database = Database(url)
-    try:
+
+    def prepare(_rerun: bool) -> None:
+        # Safe to run again: it reads the schema version before it migrates anything.
         if database.sqlite_file is not None:
             _prepare_sqlite_file(database.sqlite_file)
         revision = database.revision()
         if revision != SCHEMA_HEAD:
             _refuse_unknown(revision, database.display_url())
             upgrade(database.engine)
+
+    try:
+        if retry_s > 0:
+            from .retry import call_with_retry
+
+            call_with_retry(prepare, window_s=retry_s, database=database, name="open the database")
+        else:
+            prepare(False)
+    except StoreError:
+        database.close()
+        raise
     except Exception as exc:
         detail = _database_error(exc)
         if detail is None:

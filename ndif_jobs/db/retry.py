@@ -8,7 +8,8 @@ would come back only when their leases ran out. Instead every queue operation ru
 seconds (`NDIF_JOBS_DB_RETRY_S`, default 120; 0 turns retrying off). Each retry logs one warning.
 When the window runs out the caller gets a one-line `StoreError` naming the database (password
 hidden) and the driver's first line; the CLI prints that and exits 1. Opening the database
-(`open_database`) is not retried: a command started while the database is down fails at once.
+(`open_database`) is retried the same way for the worker only: a command a person types while
+the database is down fails at once, in one line.
 
 The waits grow exponentially with jitter: 0.05-0.1 s at first, doubling up to 1-2 s (half of
 each wait fixed, half random, so workers that lost the server together do not come back in
