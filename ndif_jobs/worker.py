@@ -415,8 +415,7 @@ class Worker:
 
         try:
             with _Heartbeat(self.service, self.id, job_ids):
-                outcomes = backend.wait(remote_id, job_ids, deadline, on_status,
-                                        should_stop=self._stopping.is_set)
+                outcomes = backend.wait(remote_id, job_ids, deadline, on_status, stop=self._stopping)
         except Rejected as exc:
             blog.error("NDIF cannot run this bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
             self._fail_bundle(bundle_id, job_ids, str(exc))

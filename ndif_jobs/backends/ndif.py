@@ -23,13 +23,21 @@ import io
 import ipaddress
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 
 from .. import experiments
 from ..errors import BadInput, NdifJobsError
@@ -41,18 +49,6 @@ from .base import JobOutcome, JobSpec
 log = get_logger("ndif_jobs.ndif")
 
 FINAL = ("COMPLETED", "ERROR")
-
-
-def _never() -> bool:
-    return False
-
-
-def pause(seconds: float, should_stop: Callable[[], bool] = _never) -> None:
-    """Sleep, but wake as soon as `should_stop()` says so: a stopping worker must not sit out
-    a retry delay of minutes while NDIF is down."""
-    end = time.monotonic() + seconds
-    while not should_stop() and (left := end - time.monotonic()) > 0:
-        time.sleep(min(left, 0.2))
 
 
 class Transient(NdifJobsError):
@@ -149,16 +145,17 @@ class NdifClient:
     def close(self) -> None:
         self._http.close()
 
-    def _retrying(self, should_stop: Callable[[], bool] = _never) -> Retrying:
-        """Backoff with jitter for `Transient` errors; gives up early (re-raising the last error)
-        once `should_stop()` is true."""
+    def _retrying(self, stop: threading.Event | None = None) -> Retrying:
+        """Backoff with jitter for `Transient` errors. Once `stop` is set it gives up (re-raising
+        the last error), waking from a backoff sleep at once: a stopping worker must not sit out
+        a retry delay of minutes while NDIF is down."""
+        give_up = stop_after_attempt(self.settings.http_retries) | stop_after_delay(self.settings.http_retry_max_s)
         return Retrying(
             retry=retry_if_exception_type(Transient),
             wait=wait_random_exponential(multiplier=self.settings.retry_backoff_s / 2 or 0.01,
                                          max=self.settings.retry_backoff_max_s),
-            stop=(stop_after_attempt(self.settings.http_retries) | stop_after_delay(self.settings.http_retry_max_s)
-                  | (lambda _state: should_stop())),
-            sleep=lambda seconds: pause(seconds, should_stop),
+            stop=give_up if stop is None else give_up | stop_when_event_set(stop),
+            sleep=time.sleep if stop is None else stop.wait,
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "retrying NDIF", attempt=state.attempt_number, error=str(state.outcome.exception())
@@ -204,7 +201,7 @@ class NdifClient:
 
         return self._retrying()(once)
 
-    def status(self, remote_id: str, should_stop: Callable[[], bool] = _never) -> Status | None:
+    def status(self, remote_id: str, stop: threading.Event | None = None) -> Status | None:
         """The job's latest status, or None while NDIF has none recorded yet (404)."""
 
         def once() -> Status | None:
@@ -221,7 +218,7 @@ class NdifClient:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise Transient(f"NDIF answered a poll with something unreadable: {response.text[:200]!r}") from None
 
-        return self._retrying(should_stop)(once)
+        return self._retrying(stop)(once)
 
     def download(self, url: str) -> bytes:
         """The result blob, whole: a short read is an error, not a result."""
@@ -379,15 +376,16 @@ class NdifBackend:
 
     def wait(
         self, remote_id: str, job_ids: list[str], deadline: float | None,
-        on_status: Callable[[Status], None], should_stop: Callable[[], bool] = _never,
+        on_status: Callable[[Status], None], stop: threading.Event | None = None,
     ) -> dict[str, JobOutcome] | None:
         """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop.
 
         While NDIF cannot be reached the request is still there: polling goes on (each poll
-        already retried with backoff) until NDIF is back or the deadline passes. A stop is
-        heeded within a fraction of a second, even mid-retry: the request stays at NDIF and the
-        next worker re-attaches to it.
+        already retried with backoff) until NDIF is back or the deadline passes. Setting `stop`
+        ends the wait at once, even mid-retry: the request stays at NDIF and the next worker
+        re-attaches to it.
         """
+        stop = stop or threading.Event()
         delay = self.settings.poll_min_s
         last: str | None = None
         evicted_at: float | None = None
@@ -395,10 +393,10 @@ class NdifBackend:
         while True:
             if deadline is not None and time.time() > deadline:
                 return None
-            if should_stop():
+            if stop.is_set():
                 raise Transient("the worker is stopping")
             try:
-                status = self.client.status(remote_id, should_stop)
+                status = self.client.status(remote_id, stop)
                 if status is not None and status.status == "COMPLETED":
                     outcomes = self._fetch(status, job_ids)
             except Unavailable as exc:
@@ -406,7 +404,7 @@ class NdifBackend:
                     unreachable_since = time.time()
                     log.warning("NDIF unreachable while waiting: the request stays there, polling on",
                                 remote_job=remote_id, error=str(exc))
-                pause(self.settings.poll_max_s, should_stop)
+                stop.wait(self.settings.poll_max_s)
                 continue
             if unreachable_since is not None:
                 log.info("NDIF reachable again", remote_job=remote_id,
@@ -429,7 +427,7 @@ class NdifBackend:
                     raise RemoteJobError(message)
             if status is not None and status.status == "COMPLETED":
                 return outcomes
-            pause(delay, should_stop)
+            stop.wait(delay)
             delay = min(delay * 1.5, self.settings.poll_max_s)
 
     def _fetch(self, status: Status, job_ids: list[str]) -> dict[str, JobOutcome]:
