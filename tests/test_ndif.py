@@ -169,6 +169,12 @@ def slow_lens(model, p):
 '''
 
 
+def _start_worker(env: dict[str, str]) -> subprocess.Popen:
+    """`ndif-jobs worker --until-empty` in the background; its stderr (the log) kept for errors."""
+    return subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def _wait_for_submission(home: Path, timeout: float = 120) -> str:
     db = sqlite3.connect(home / "queue.db")
     deadline = time.time() + timeout
@@ -189,8 +195,7 @@ def _slow_job_in_flight(ndif_env, tmp_path, home, grace_s: str):  # type: ignore
            "NDIF_JOBS_RETRY_BACKOFF_S": "0.5", "NDIF_JOBS_RETRY_BACKOFF_MAX_S": "2", "NDIF_JOBS_BUNDLE_DEADLINE_S": "60",
            "NDIF_JOBS_MAX_ATTEMPTS": "5"}
     (job,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 6.0})])
-    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    worker = _start_worker(env)
     _wait_for_submission(home)
     return env, job, worker
 
@@ -262,8 +267,7 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
         # Down before the submission: every try is cut off; the jobs stay queued, no attempt spent.
         ids = submit_all(env, jobs=JOBS[:2])
         proxy.down = True
-        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        worker = _start_worker(env)
         _wait_until(lambda: proxy.injected["submit:down"] >= 6, what="several cut-off submissions")
         assert worker.poll() is None
         status = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
@@ -281,8 +285,7 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
 
         # Down while NDIF runs the request: the worker polls on and never sends it again.
         (slow,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 4.0})])
-        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        worker = _start_worker(env)
         _wait_until(lambda: local_ndif.requests() - before == 2, what="the slow submission")
         proxy.down = True
         _wait_until(lambda: proxy.injected["poll:down"] >= 6, what="several cut-off polls")
@@ -312,8 +315,7 @@ def test_worker_stopped_while_ndif_is_down_leaves_at_once(ndif_env, local_ndif, 
                    NDIF_JOBS_RETRY_BACKOFF_MAX_S="60", NDIF_JOBS_HTTP_RETRIES="20", NDIF_JOBS_HTTP_RETRY_MAX_S="300")
         before = local_ndif.requests()
         (job,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 3.0})])
-        worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        worker = _start_worker(env)
         _wait_for_submission(home)
         proxy.down = True
         _wait_until(lambda: proxy.injected["poll:down"] >= 1, what="a cut-off poll")
@@ -367,8 +369,7 @@ def test_redis_down_then_back(ndif_env, local_ndif) -> None:  # type: ignore[no-
            "NDIF_JOBS_HTTP_RETRIES": "40", "NDIF_JOBS_HTTP_RETRY_MAX_S": "240"}
     (job,) = submit_all(env, jobs=JOBS[:1])
     local_ndif.harness("stop", "--only", "redis")
-    worker = subprocess.Popen([sys.executable, "-m", "ndif_jobs", "worker", "--until-empty"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    worker = _start_worker(env)
     try:
         time.sleep(8)
         assert worker.poll() is None  # still retrying, not failed
