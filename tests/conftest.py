@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,14 @@ def run_cli(*args: str, env: dict[str, str], check: bool = False, timeout: float
     if check and proc.returncode != 0:
         raise AssertionError(f"ndif-jobs {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 120, what: str = "the condition") -> None:
+    """Poll `condition` every 0.1 s until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting: {what}"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

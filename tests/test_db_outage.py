@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from ndif_jobs.db.retry import is_transient
 from ndif_jobs.errors import StoreError
 from ndif_jobs.logging import configure_logging
 
-from .conftest import POSTGRES_URL, REPO, run_cli
+from .conftest import POSTGRES_URL, REPO, run_cli, wait_until
 
 NAME = "ndif_outage"
 RETRY_EVENT = "queue database unreachable: retrying"
@@ -320,13 +320,6 @@ def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.1)
-
-
 def _started(log: Path) -> bool:
     return any(e.get("event") == "worker started" for e in _events(log.read_text()))
 
@@ -374,8 +367,8 @@ def test_workers_ride_out_a_database_outage(
     workers = [_start_worker(env, log) for log in logs]
     try:
         # Every worker has opened the database (its first step), and some jobs are done.
-        _wait_until(lambda: all(_started(log) for log in logs), 300, "every worker started")
-        _wait_until(lambda: _completed() >= 3, 120, "some jobs completed")
+        wait_until(lambda: all(_started(log) for log in logs), 300, "every worker started")
+        wait_until(lambda: _completed() >= 3, 120, "some jobs completed")
         with database_down():
             time.sleep(0.5)
             # `status` during the outage says so in one line; it never shows made-up counts.
@@ -412,8 +405,8 @@ def test_an_outage_past_the_window_stops_the_worker_and_loses_nothing(
     log = tmp_path / "worker-1.log"
     worker = _start_worker(env, log)
     try:
-        _wait_until(lambda: _started(log), 300, "the worker started")
-        _wait_until(lambda: _completed() >= 1, 120, "a job completed")
+        wait_until(lambda: _started(log), 300, "the worker started")
+        wait_until(lambda: _completed() >= 1, 120, "a job completed")
         with database_down():
             # Down until the worker has given up: the call that met the outage, then the release of
             # its jobs on the way out, each retried for the 2 s window.
@@ -461,7 +454,7 @@ def test_a_worker_started_during_an_outage_waits_for_the_database(
                 return any(e.get("event") == RETRY_EVENT and e.get("operation") == "open the database"
                            for e in _events(log.read_text()))
 
-            _wait_until(lambda: waiting() or worker.poll() is not None, 120, "the worker met the outage")
+            wait_until(lambda: waiting() or worker.poll() is not None, 120, "the worker met the outage")
             assert worker.poll() is None, log.read_text()[-2000:]
             started = time.monotonic()
             status = run_cli("status", env=env)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, run_cli, wait_until
 
 sys.path.insert(0, str(REPO / "scripts"))
 from ndif_local.faultproxy import FaultProxy  # noqa: E402
@@ -243,13 +243,6 @@ def _in_session(pid: int, session: int) -> bool:
         return False
 
 
-def _wait_until(predicate, timeout: float = 120, what: str = "the condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -> None:  # type: ignore[no-untyped-def]
     """NDIF unreachable for many times the worker's whole retry window (the windows are shrunk
     here so that seconds stand for an outage of hours): before the submission, the jobs wait in
@@ -268,7 +261,7 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
         ids = submit_all(env, jobs=JOBS[:2])
         proxy.down = True
         worker = _start_worker(env)
-        _wait_until(lambda: proxy.injected["submit:down"] >= 6, what="several cut-off submissions")
+        wait_until(lambda: proxy.injected["submit:down"] >= 6, what="several cut-off submissions")
         assert worker.poll() is None
         status = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
         assert status["counts"]["failed"] == 0 and status["counts"]["completed"] == 0
@@ -277,7 +270,7 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
             shown = json.loads(run_cli("show", ids[0], "--json", env=env, check=True).stdout)
             return shown["state"] == "queued" and "waiting for NDIF" in (shown["error"] or "")
 
-        _wait_until(says_waiting, what="a job shown as waiting for NDIF")
+        wait_until(says_waiting, what="a job shown as waiting for NDIF")
         proxy.down = False
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err[-2000:]
@@ -286,9 +279,9 @@ def test_ndif_down_for_a_while_then_back(ndif_env, local_ndif, tmp_path, home) -
         # Down while NDIF runs the request: the worker polls on and never sends it again.
         (slow,) = submit_all(env, jobs=[("slow-lens", {"prompt": "The capital of France is", "seconds": 4.0})])
         worker = _start_worker(env)
-        _wait_until(lambda: local_ndif.requests() - before == 2, what="the slow submission")
+        wait_until(lambda: local_ndif.requests() - before == 2, what="the slow submission")
         proxy.down = True
-        _wait_until(lambda: proxy.injected["poll:down"] >= 6, what="several cut-off polls")
+        wait_until(lambda: proxy.injected["poll:down"] >= 6, what="several cut-off polls")
         time.sleep(4.0)  # NDIF finishes the request meanwhile
         proxy.down = False
         _, err = worker.communicate(timeout=300)
@@ -318,7 +311,7 @@ def test_worker_stopped_while_ndif_is_down_leaves_at_once(ndif_env, local_ndif, 
         worker = _start_worker(env)
         _wait_for_submission(home)
         proxy.down = True
-        _wait_until(lambda: proxy.injected["poll:down"] >= 1, what="a cut-off poll")
+        wait_until(lambda: proxy.injected["poll:down"] >= 1, what="a cut-off poll")
         time.sleep(1.0)  # inside the first backoff delay (up to 20 s) now
         stopped_at = time.time()
         worker.send_signal(signal.SIGTERM)
