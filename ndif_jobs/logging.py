@@ -2,7 +2,11 @@
 
 Every log call goes through `redact_secrets`, which replaces the configured NDIF API key (and
 any value under a key that looks like a secret) with `***`, so the key cannot leak through a
-formatted error message, an exception or a stray `repr(settings)`.
+formatted error message, an exception or a stray `repr(settings)`. A database password given
+in the queue's URL is registered the same way when the database is opened (`db/engine.py`).
+
+structlog is imported only when logging is set up: the CLI's read commands register secrets and
+scrub their error lines without paying for it.
 """
 
 from __future__ import annotations
@@ -10,8 +14,6 @@ from __future__ import annotations
 import logging
 import sys
 from typing import Any
-
-import structlog
 
 _SECRET_KEYS = ("api_key", "apikey", "ndif-api-key", "password", "token", "secret")
 _secrets: set[str] = set()
@@ -46,6 +48,8 @@ def _scrub_rendered(_logger: Any, _method: str, line: str) -> str:
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    import structlog
+
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
@@ -74,9 +78,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
 
 def ensure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure logging unless the application already did (the Python API's default)."""
+    import structlog
+
     if not structlog.is_configured():
         configure_logging(level, fmt)
 
 
 def get_logger(name: str = "ndif_jobs") -> Any:
+    import structlog
+
     return structlog.get_logger(name)

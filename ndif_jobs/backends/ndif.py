@@ -5,14 +5,20 @@ call of `runtime.run_bundle` over every job) with our experiment code shipped by
 names the model by its key. We POST that payload ourselves, over httpx with nnsight's wire
 format, so we can tell the server's answers apart: a 503 or a dropped connection is worth a
 retry, a 401 is not. Then we poll `GET /response/{id}` (recording every status), download the
-result as soon as it is COMPLETED (its URL expires after an hour), check it, and unpickle it,
-which we do only for answers from the configured NDIF host.
+result as soon as it is COMPLETED (its URL expires after an hour), check it, and unpickle it.
+
+What is trusted: NDIF_HOST, reached over https (plain http only to this machine, under
+NDIF_JOBS_ALLOW_HTTP_LOOPBACK), and the result URLs it hands out, under the same rule, with
+redirects never followed. Even so a result is unpickled only as data (torch's weights-only
+unpickler: tensors, numbers, strings, lists, tuples, dicts; nothing that runs code), and its
+download and decompression stop at NDIF_JOBS_MAX_RESULT_BYTES plus a margin.
 
 Errors, by what a retry can do about them:
 * `Transient`: connection refused or dropped, timeouts, HTTP 5xx, 429, a truncated or corrupt
   download. Retried with exponential backoff and jitter (tenacity).
 * `Rejected`: the API key (401/400/403), the version gate (400), a malformed request (422),
-  "Could not deploy this model". No retry: the message says what to do.
+  "Could not deploy this model", a result refused (too large, not plain data, from a URL that is
+  not https, a redirect). No retry: the message says what to do.
 * `RemoteJobError`: the request ran and NDIF answered ERROR. The worker splits the bundle to
   find the job at fault.
 """
@@ -86,18 +92,56 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def check_host(url: str, allow_http_loopback: bool) -> str:
-    """https anywhere, or plain http to this machine only when explicitly allowed."""
+def _transport(url: str, allow_http_loopback: bool) -> str:
+    """"ok" for https anywhere, or plain http to this machine when explicitly allowed; "flag" for
+    plain http to this machine without that; "refused" for anything else."""
     parsed = urlparse(url)
     if parsed.scheme == "https" and parsed.hostname:
-        return url.rstrip("/")
+        return "ok"
     if parsed.scheme == "http" and parsed.hostname and _is_loopback(parsed.hostname):
-        if allow_http_loopback:
-            return url.rstrip("/")
+        return "ok" if allow_http_loopback else "flag"
+    return "refused"
+
+
+def check_host(url: str, allow_http_loopback: bool) -> str:
+    """NDIF_HOST, if it may receive the API key: https anywhere, or plain http to this machine
+    only when explicitly allowed."""
+    verdict = _transport(url, allow_http_loopback)
+    if verdict == "ok":
+        return url.rstrip("/")
+    if verdict == "flag":
         raise BadInput(
             f"NDIF_HOST {url} is plain http: allow it for a local NDIF with NDIF_JOBS_ALLOW_HTTP_LOOPBACK=1"
         )
     raise BadInput(f"NDIF_HOST {url!r} must be an https:// URL (or http:// to a local NDIF on loopback)")
+
+
+def check_result_url(url: str, allow_http_loopback: bool) -> str:
+    """A result URL NDIF handed out, if we may fetch it: what it serves is unpickled, so NDIF_HOST's
+    rule holds for it too. The message names the scheme and host only: a presigned URL's query
+    is a credential."""
+    if _transport(url, allow_http_loopback) == "ok":
+        return url
+    parsed = urlparse(url)
+    raise Rejected(
+        f"NDIF handed out a result URL that is not https ({parsed.scheme}://{parsed.hostname}): not fetched, "
+        "as a result is unpickled; plain http is taken only from this machine, with NDIF_JOBS_ALLOW_HTTP_LOOPBACK=1"
+    )
+
+
+def result_limit(settings: Settings) -> int:
+    """The most bytes a result may have, downloaded or decompressed: NDIF_JOBS_MAX_RESULT_BYTES,
+    which bundles are packed under by estimate, plus a quarter and 1 MiB for what the estimate
+    leaves out (torch.save's framing, pickled lists and strings)."""
+    return settings.max_result_bytes + settings.max_result_bytes // 4 + (1 << 20)
+
+
+def _too_large(what: str, limit: int) -> Rejected:
+    return Rejected(
+        f"the result is too large: {what} more than {limit} bytes (NDIF_JOBS_MAX_RESULT_BYTES plus a margin): "
+        "not read; send fewer jobs per bundle (--max-bundle) or raise NDIF_JOBS_MAX_RESULT_BYTES, "
+        "then `ndif-jobs retry` the jobs"
+    )
 
 
 def _detail(response: Any) -> str:
@@ -213,27 +257,34 @@ class NdifClient:
                 raise classify(response, "poll a request")
             try:
                 body = response.json()
-                return Status(str(body["status"]).upper(), str(body.get("description") or ""), body.get("data"),
-                              body.get("meta"))
+                # NDIF's text may repeat a secret (a malformed API key): scrubbed before it is kept.
+                return Status(str(body["status"]).upper(), scrub(str(body.get("description") or "")),
+                              body.get("data"), body.get("meta"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise Transient(f"NDIF answered a poll with something unreadable: {response.text[:200]!r}") from None
 
         return self._retrying(stop)(once)
 
-    def download(self, url: str) -> bytes:
-        """The result blob, whole: a short read is an error, not a result."""
+    def download(self, url: str, limit: int) -> bytes:
+        """The result blob, whole and at most `limit` bytes: a short read is an error, not a result,
+        and reading stops as soon as the answer says or shows that it is larger than `limit`.
+
+        Redirects are not followed (only the URL NDIF handed out is trusted), and the body is
+        read as sent (`identity`): a content encoding (gzip, ...) would be a second decompression
+        with no bound on its output."""
         import httpx
+
+        url = check_result_url(url, self.settings.allow_http_loopback)
 
         def once() -> bytes:
             buffer = io.BytesIO()
             try:
-                with self._http.stream("GET", url) as response:
-                    if response.status_code >= 300:
-                        if response.status_code in (403, 404):
-                            raise Rejected(f"the result URL no longer works ({response.status_code}): it expired")
-                        raise Transient(f"downloading the result: HTTP {response.status_code}")
+                with self._http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+                    _check_download(response, limit)
                     expected = response.headers.get("Content-Length")
-                    for chunk in response.iter_bytes(1 << 20):
+                    for chunk in response.iter_raw(1 << 20):
+                        if buffer.tell() + len(chunk) > limit:
+                            raise _too_large("the download ran to", limit)
                         buffer.write(chunk)
             except httpx.TransportError as exc:
                 raise Unavailable(f"downloading the result broke off: {type(exc).__name__}: {exc}") from None
@@ -258,29 +309,100 @@ class NdifClient:
         return self._retrying()(once)
 
 
+def _check_download(response: Any, limit: int) -> None:
+    """Raise unless `response` is a plain 2xx answer of at most `limit` bytes (as far as it says)."""
+    code = response.status_code
+    if 300 <= code < 400:
+        raise Rejected(f"the result URL answered a redirect ({code}): not followed, as only the URL NDIF "
+                       "handed out is trusted")
+    if code >= 300:
+        if code in (403, 404):
+            raise Rejected(f"the result URL no longer works ({code}): it expired")
+        raise Transient(f"downloading the result: HTTP {code}")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Rejected(f"the result came with Content-Encoding {encoding!r} although none was asked for: not read")
+    expected = response.headers.get("Content-Length")
+    if expected is not None and expected.isdigit() and int(expected) > limit:
+        raise _too_large(f"the download says it is {expected} bytes,", limit)
+
+
 def _is_eviction(message: str) -> bool:
     lowered = message.lower()
     return "evicted" in lowered or "try again later" in lowered
 
 
-def decode_result(content: bytes, compressed: bool) -> dict[str, Any]:
-    """Decompress and unpickle a result blob (only ever called on answers from NDIF_HOST)."""
-    import torch
+def decode_result(content: bytes, compressed: bool, limit: int) -> dict[str, Any]:
+    """Decompress (to at most `limit` bytes) and unpickle a result blob, as data only.
 
-    if compressed:
-        import zstandard
-
-        try:
-            content = zstandard.ZstdDecompressor().decompress(content)
-        except zstandard.ZstdError as exc:
-            raise Transient(f"the result is corrupt (zstd: {exc})") from None
+    `torch.load(weights_only=True)` is torch's restricted unpickler: tensors and their storages,
+    numbers, strings, bytes, lists, tuples, sets, dicts, None and bools, and nothing that could
+    run code on load, which is all an ndif-jobs result holds (NDIF's server moves CUDA tensors to
+    the CPU before it saves them, so they load the same way)."""
     try:
-        value = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken blob
-        raise Transient(f"the result is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if compressed:
+            content = _decompress(content, limit)
+        value = _unpickle(content)
+    except MemoryError:
+        # Not worth a retry, and a crash would recur in every worker that re-attaches to the bundle.
+        raise Rejected("the result does not fit in this machine's memory: "
+                       "send fewer jobs per bundle (--max-bundle), then `ndif-jobs retry` the jobs") from None
     if not isinstance(value, dict):
         raise Transient(f"the result is not a dict of saves but {type(value).__name__}")
     return value
+
+
+def _unpickle(content: bytes) -> Any:
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken or refused blob
+        refused = _unsafe_globals(content)
+        if refused:
+            raise Rejected(
+                f"the result holds {', '.join(refused[:3])}, which is not plain data: not unpickled (an "
+                "experiment must return tensors, numbers, strings, lists and dicts)"
+            ) from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise Transient(f"the result is corrupt ({type(exc).__name__}: {first})") from None
+
+
+def _decompress(content: bytes, limit: int) -> bytes:
+    """The zstd frames in `content`, stopping past `limit` bytes of output: a small frame can
+    declare or hold many GiB, and `ZstdDecompressor.decompress` allocates whatever the frame
+    header says."""
+    import zstandard
+
+    out = io.BytesIO()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(content), read_across_frames=True) as reader:
+            while chunk := reader.read(1 << 20):
+                if out.tell() + len(chunk) > limit:
+                    raise _too_large("decompressed, it runs to", limit)
+                out.write(chunk)
+    except zstandard.ZstdError as exc:
+        raise Transient(f"the result is corrupt (zstd: {exc})") from None
+    try:
+        declared = zstandard.frame_content_size(content)
+    except zstandard.ZstdError:
+        declared = -1
+    if declared >= 0 and out.tell() < declared:  # the stream reader ends a cut-off frame quietly
+        raise Transient(f"the result is corrupt (zstd: {out.tell()} of {declared} bytes)")
+    return out.getvalue()
+
+
+def _unsafe_globals(content: bytes) -> list[str]:
+    """The globals a torch.save blob names beyond torch's weights-only allowlist ([] if none, or
+    if the blob cannot be read that far)."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        return get_unsafe_globals_in_checkpoint(io.BytesIO(content))
+    except Exception:  # noqa: BLE001 - a broken blob: reported as corrupt by the caller
+        return []
 
 
 # -- building the request ------------------------------------------------------------------------------
@@ -432,16 +554,17 @@ class NdifBackend:
 
     def _fetch(self, status: Status, job_ids: list[str]) -> dict[str, JobOutcome]:
         data = status.data
+        limit = result_limit(self.settings)
         attempts = max(self.settings.http_retries, 1)
         for attempt in range(1, attempts + 1):
-            if isinstance(data, str) and data.startswith(("http://", "https://")):
-                content = self.client.download(data)
+            if isinstance(data, str) and "://" in data:
+                content = self.client.download(data, limit)
             elif isinstance(data, (bytes, bytearray)):
                 content = bytes(data)
             else:
                 raise Transient("NDIF said COMPLETED without a result")
             try:
-                return split_results(decode_result(content, self.compress), job_ids)
+                return split_results(decode_result(content, self.compress, limit), job_ids)
             except Transient:
                 if attempt == attempts:
                     raise

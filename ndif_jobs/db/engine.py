@@ -31,7 +31,7 @@ from ..errors import StoreError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import URL, Connection
 
 #: The newest migration in `alembic/versions`; a test checks it equals alembic's head.
 SCHEMA_HEAD = "0002"
@@ -44,6 +44,36 @@ SQLITE_POOL_SIZE = 4
 
 _engines: dict[str, Engine] = {}
 _databases: dict[str, Database] = {}
+
+#: Query parameters of a database URL that carry a password (libpq's names, as psycopg takes them).
+_PASSWORD_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def shown_url(url: URL) -> str:
+    """`url` as messages and logs show it: every password hidden, the one after the user name
+    and those given as query parameters alike (SQLAlchemy hides only the first)."""
+    query = {k: ("***" if k.lower() in _PASSWORD_PARAMS else v) for k, v in url.query.items()}
+    # SQLAlchemy quotes the mask as it renders the query: shown as typed, like the user's part.
+    return url.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+
+
+def register_url_secrets(url: str) -> None:
+    """Have the log redaction and the CLI's error lines hide `url`'s passwords, wherever a
+    driver's message or a traceback might repeat them."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from ..logging import register_secret
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # reported, without the URL, where it is first used
+    register_secret(parsed.password)
+    for key, value in parsed.query.items():
+        if key.lower() in _PASSWORD_PARAMS:
+            for one in value if isinstance(value, tuple) else (value,):
+                register_secret(one)
 
 
 def _is_sqlite(url: str) -> bool:
@@ -142,6 +172,7 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
     else:
+        register_url_secrets(url)
         # A server whose host drops packets would otherwise hold each connect for the OS's TCP
         # timeout (minutes), past the retry window (`retry.py`); a URL may set its own.
         connect_args = {"connect_timeout": 10} if url.startswith("postgres") and "connect_timeout" not in url else {}
@@ -175,6 +206,8 @@ class Database:
                 self.dialect_name = "postgresql"
         # A plain SQLite file is opened directly (no SQLAlchemy); anything else through the Engine.
         self.sqlite_file = _plain_sqlite_file(url) if engine is None else None
+        if self.sqlite_file is None:
+            register_url_secrets(url)
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -200,9 +233,11 @@ class Database:
         return self.dialect_name == "sqlite"
 
     def display_url(self) -> str:
-        if self.is_sqlite:
-            return self.url  # a SQLite URL holds no password
-        return self.engine.url.render_as_string(hide_password=True)
+        if self.sqlite_file is not None:
+            return self.url  # a plain SQLite file's URL holds no password
+        from sqlalchemy import make_url
+
+        return shown_url(make_url(self.url))
 
     def __repr__(self) -> str:
         return f"Database({self.display_url()!r})"
@@ -367,7 +402,7 @@ def upgrade(engine: Engine | Database) -> bool:
         revision = current_revision(conn)
         if revision == SCHEMA_HEAD:
             return False
-        _refuse_unknown(revision, engine.url.render_as_string(hide_password=True))
+        _refuse_unknown(revision, shown_url(engine.url))
         config = alembic_config(str(engine.url.render_as_string(hide_password=False)))
         config.attributes["connection"] = conn
         command.upgrade(config, "head")

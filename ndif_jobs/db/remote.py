@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, select, update
 
+from ..logging import scrub
 from .engine import write_transaction
 from .queue import LEASE_EXPIRED
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
@@ -58,9 +59,12 @@ class RemoteBundles:
 
     @retried
     def record_status(self, bundle_id: str, status: str, description: str = "") -> bool:
-        """Append a status to the bundle's history when it differs from the last one."""
+        """Append a status to the bundle's history when it differs from the last one.
+
+        The description is NDIF's text, which may repeat a secret (NDIF echoes a malformed API
+        key): it is scrubbed before it is stored, as before it is logged."""
         t = now()
-        description = description[:500]  # as stored, so that a repeat compares equal
+        description = scrub(description)[:500]  # as stored, so that a repeat compares equal
         with write_transaction(self.engine) as conn:
             history = self._history(conn, bundle_id)
             if not _append_once(history, {"status": status, "at": t, "description": description}):
