@@ -7,6 +7,17 @@ ndif-jobs means to say with one `except`, and anything else is a bug worth a tra
 from __future__ import annotations
 
 
+ERROR_CHARS = 4000
+
+
+def clip_error(text: str, limit: int = ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left off: an error message (an
+    exception that quotes its input, say) is stored and printed, and must not run to megabytes."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class NdifJobsError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""
 

@@ -1,19 +1,39 @@
-"""Every knob ndif-jobs has, read from the environment and `.env` (see `.env.example`).
+"""Every knob ndif-jobs has, read from the environment and a `.env` file (see `.env.example`).
 
 One `Settings` object is built per process (`get_settings()`); tests build their own with
 `Settings(home=tmp_path)`. The NDIF API key is a `SecretStr` so that printing, logging or
 dumping the settings never shows it.
+
+The `.env` file is read from the data folder (`<home>/.env`) or from the file named with
+`--env-file`, never from the folder a command runs in: a cloned repository's `.env` must not
+configure ndif-jobs. Even a trusted `.env` cannot set what runs code or where the API key is sent
+(`ENV_ONLY`): those come from the environment or the command line alone.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+# Settings that choose code to import, where the API key goes, or the database whose jobs a worker
+# runs with the user's key and machine: accepted from the environment or the command line only.
+ENV_ONLY = ("NDIF_HOST", "NDIF_JOBS_IMPORTS", "NDIF_JOBS_DATABASE_URL")
+_HOW_TO_SET = "set them in the environment (NDIF_HOST=... ndif-jobs ...) or name modules with --import"
+_warned: set[str] = set()
 
 
 def _default_home() -> Path:
@@ -27,7 +47,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="NDIF_JOBS_",
-        env_file=".env",
+        env_file=None,  # chosen in settings_customise_sources: the data folder's, or an explicit one
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,
@@ -85,7 +105,9 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="A request NDIF has not answered by then is abandoned and sent again."
     )
     max_result_bytes: int = Field(
-        default=1 << 30, gt=0, description="Most estimated result bytes in one NDIF request."
+        default=1 << 30, gt=0,
+        description="Most result bytes in one NDIF request: bundles are packed under it by estimate, and a result "
+        "whose download or decompressed size passes it by more than a quarter (+1 MiB) fails its jobs unread.",
     )
     http_timeout_s: float = Field(default=60.0, gt=0, description="Read timeout of one HTTP call to NDIF.")
     http_retries: int = Field(default=6, ge=1, le=100, description="Tries of one HTTP call before its bundle is retried later.")
@@ -101,13 +123,33 @@ class Settings(BaseSettings):
     )
 
     imports: str = Field(
-        default="", description="Comma-separated modules that define your own @experiment functions."
+        default="",
+        description="Comma-separated modules that define your own @experiment functions: a module name, a"
+        " path/to/file.py, or path/to/folder:module. Environment or --import only.",
+    )
+    max_submit_jobs: int = Field(
+        default=100_000, ge=1, description="Most jobs one submission (a params file) may create."
     )
     log_format: Literal["auto", "console", "json"] = Field(
         default="auto", description="auto: readable lines on a terminal, JSON lines otherwise."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     offline: bool = Field(default=False, description="Serve results from the store only: no network, no model loading.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read `.env` from the explicit `_env_file`, else from the data folder."""
+        env_file = getattr(dotenv_settings, "env_file", None)
+        if env_file is None:
+            env_file = _data_folder(init_settings, env_settings) / ".env"
+        return init_settings, env_settings, _TrustedDotEnv(settings_cls, env_file=env_file), file_secret_settings
 
     @field_validator("home", mode="after")
     @classmethod
@@ -134,6 +176,33 @@ class Settings(BaseSettings):
     @property
     def import_modules(self) -> list[str]:
         return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+
+def _data_folder(init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource) -> Path:
+    """The data folder as given to `Settings(home=...)` or by NDIF_JOBS_HOME, before any `.env`."""
+    given = init_settings.init_kwargs.get("home") if isinstance(init_settings, InitSettingsSource) else None
+    if given is None and isinstance(env_settings, EnvSettingsSource):
+        given = env_settings.env_vars.get("ndif_jobs_home")
+    return Path(given).expanduser().absolute() if given else _default_home()
+
+
+class _TrustedDotEnv(DotEnvSettingsSource):
+    """A `.env` source that drops the `ENV_ONLY` settings, saying so once on stderr."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        values = dict(super()._load_env_vars())
+        refused = [name for name in ENV_ONLY if values.pop(name.lower(), None) is not None]
+        if refused:
+            _warn_refused(str(self.env_file), refused)
+        return values
+
+
+def _warn_refused(path: str, names: list[str]) -> None:
+    if path in _warned:
+        return
+    _warned.add(path)
+    sys.stderr.write(f"warning: {path} sets {', '.join(names)}: ignored (a .env file may not choose code to run"
+                     f" or where the API key goes); {_HOW_TO_SET}\n")
 
 
 @functools.lru_cache(maxsize=1)

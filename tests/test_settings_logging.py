@@ -24,14 +24,18 @@ def test_every_setting_is_documented_in_env_example() -> None:
         assert names & documented, f"{name} is not in .env.example"
 
 
-def test_settings_from_env_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_settings_from_the_data_folder_env_file(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.chdir(tmp_path)
-    Path(".env").write_text(f"NDIF_JOBS_MAX_BUNDLE=7\nNDIF_API_KEY={SECRET}\nNDIF_HOST=http://127.0.0.1:9\n")
-    settings = Settings(home=tmp_path)
-    assert settings.max_bundle == 7 and settings.ndif_host == "http://127.0.0.1:9"
+    Path(".env").write_text("NDIF_JOBS_MAX_BUNDLE=9\n")  # the working folder's: never read
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".env").write_text(f"NDIF_JOBS_MAX_BUNDLE=7\nNDIF_API_KEY={SECRET}\nNDIF_HOST=http://127.0.0.1:9\n")
+    settings = Settings(home=home)
+    assert settings.max_bundle == 7 and settings.ndif_host == "https://api.ndif.us"  # NDIF_HOST: environment only
+    assert "NDIF_HOST: ignored" in capsys.readouterr().err
     assert settings.ndif_api_key.get_secret_value() == SECRET
     assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
-    assert settings.db_url == f"sqlite:///{tmp_path / 'queue.db'}"
+    assert settings.db_url == f"sqlite:///{home / 'queue.db'}"
 
 
 def test_json_logs_redact_the_key() -> None:
