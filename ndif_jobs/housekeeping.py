@@ -3,27 +3,37 @@
 `verify` re-hashes every stored result and names the jobs whose result is corrupt or missing
 (`ndif-jobs retry` runs them again). `gc` removes results by age or total size, never one a job
 still in the queue or in flight needs, and detaches the finished jobs that pointed at a removed
-result, so the next identical submission runs again instead of finding nothing on disk.
+result, so the next identical submission runs again instead of finding nothing on disk. With no
+age or size given it removes only what nothing can reach: result folders no job points at.
+
+`gc` commits the detach before it touches a folder: a kill or a failed removal half-way leaves
+at worst a folder no job points at, which the next `gc` removes, never a finished job pointing
+at nothing. A folder is moved aside first and put back if a job came to need it meanwhile.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from .db.engine import write_transaction
 from .db.tables import JobState, now
-from .db.queue import ACTIVE_VALUES, jobs
-from .errors import BadInput, ResultCorrupt, ResultMissing
-from .results import flatten, to_jsonable
+from .db.queue import ACTIVE_VALUES, DONE_VALUES, jobs
+from .errors import BadInput, ResultCorrupt, ResultMissing, StoreError
+from .results import flatten, is_sealed, to_jsonable, write_safetensors_fd
 from .service import Service
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+_CHUNK = 500
 
 
 def parse_size(text: str) -> int:
@@ -40,6 +50,8 @@ class VerifyReport:
     checked: int = 0
     ok: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
+    #: Results from before values were checksummed (format 1): tensors checked, other values not.
+    unsealed: list[dict[str, Any]] = field(default_factory=list)
 
 
 def verify(service: Service) -> VerifyReport:
@@ -57,34 +69,54 @@ def verify(service: Service) -> VerifyReport:
     for key in sorted(by_key):
         report.checked += 1
         try:
-            service.store.check(key, full=True)
-            report.ok += 1
+            manifest = service.store.check(key, full=True)
         except (ResultCorrupt, ResultMissing) as exc:
             kind = "missing" if isinstance(exc, ResultMissing) else "corrupt"
             report.problems.append({"key": key, "jobs": sorted(by_key[key]), "problem": kind, "detail": str(exc)})
+            continue
+        if is_sealed(manifest):
+            report.ok += 1
+        else:
+            report.unsealed.append({"key": key, "jobs": sorted(by_key[key])})
     return report
+
+
+# -- gc ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GcItem:
+    """One result `gc` removes, with the finished jobs that point at it (none: unreachable)."""
+
+    key: str
+    bytes: int
+    created_at: float
+    jobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
 class GcPlan:
-    remove: list[tuple[str, int, float]] = field(default_factory=list)  # key, bytes, created_at
+    remove: list[GcItem] = field(default_factory=list)
     kept_in_use: int = 0
-    temp_folders: int = 0
 
     @property
     def freed(self) -> int:
-        return sum(size for _, size, _ in self.remove)
+        return sum(item.bytes for item in self.remove)
+
+
+@dataclass
+class GcOutcome:
+    freed: int = 0
+    removed: int = 0
+    #: (key, why) of each result that could not be removed; its jobs are detached all the same.
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    temp_folders: int = 0
 
 
 def plan_gc(service: Service, older_than_days: float | None, max_size: int | None) -> GcPlan:
-    """Which results to remove: older than the age, then oldest first until under the size."""
-    if older_than_days is None and max_size is None:
-        raise BadInput("gc needs --older-than DAYS and/or --max-size SIZE")
-    with service.queue.engine.connect() as conn:
-        protected = {
-            row.key
-            for row in conn.execute(select(jobs.c.key).where(jobs.c.state.in_(list(ACTIVE_VALUES))))
-        }
+    """Which results to remove: those no job points at; then those older than the age; then the
+    oldest until the store is under the size. Never one a queued or running job needs."""
+    protected, pointing = _job_refs(service)
     plan = GcPlan()
     stored = sorted(service.store.iter_stored(), key=lambda info: info.created_at)
     candidates = []
@@ -93,12 +125,10 @@ def plan_gc(service: Service, older_than_days: float | None, max_size: int | Non
             plan.kept_in_use += 1
         else:
             candidates.append(info)
-    cutoff = now() - older_than_days * 86400 if older_than_days is not None else None
-    chosen: set[str] = set()
-    if cutoff is not None:
-        for info in candidates:
-            if info.created_at < cutoff:
-                chosen.add(info.key)
+    chosen = {info.key for info in candidates if info.key not in pointing}
+    if older_than_days is not None:
+        cutoff = now() - older_than_days * 86400
+        chosen.update(info.key for info in candidates if info.created_at < cutoff)
     if max_size is not None:
         total = sum(info.bytes for info in stored if info.key not in chosen)
         for info in candidates:
@@ -107,36 +137,94 @@ def plan_gc(service: Service, older_than_days: float | None, max_size: int | Non
             if info.key not in chosen:
                 chosen.add(info.key)
                 total -= info.bytes
-    plan.remove = [(i.key, i.bytes, i.created_at) for i in candidates if i.key in chosen]
+    plan.remove = [GcItem(i.key, i.bytes, i.created_at, tuple(pointing.get(i.key, ())))
+                   for i in candidates if i.key in chosen]
     return plan
 
 
-def run_gc(service: Service, plan: GcPlan) -> int:
-    """Remove the planned results and detach the jobs that pointed at them; returns bytes freed."""
-    freed = 0
-    keys = [key for key, _, _ in plan.remove]
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        with write_transaction(service.queue.engine) as conn:
-            # Re-check under the write lock: a job may have been queued for this key meanwhile.
-            busy = {
-                row.key
-                for row in conn.execute(
-                    select(jobs.c.key).where(jobs.c.key.in_(chunk), jobs.c.state.in_(list(ACTIVE_VALUES)))
-                )
-            }
-            doomed = [k for k in chunk if k not in busy]
-            if not doomed:
-                continue
+def _job_refs(service: Service) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
+    """The keys of unfinished jobs, and for each result key the finished jobs pointing at it."""
+    protected: set[str] = set()
+    pointing: dict[str, list[dict[str, Any]]] = {}
+    columns = (jobs.c.id, jobs.c.key, jobs.c.state, jobs.c.experiment, jobs.c.tags, jobs.c.result_key)
+    with service.queue.engine.connect() as conn:
+        query = select(*columns).where(or_(jobs.c.state.in_(list(ACTIVE_VALUES)), jobs.c.result_key.is_not(None)))
+        for row in conn.execute(query.order_by(jobs.c.created_at)):
+            if row.state in ACTIVE_VALUES:
+                protected.add(row.key)
+            if row.result_key is not None:
+                pointing.setdefault(row.result_key, []).append({
+                    "id": row.id, "state": row.state, "experiment": row.experiment,
+                    "tags": [t for t in row.tags.strip(",").split(",") if t],
+                })
+    return protected, pointing
+
+
+def run_gc(service: Service, plan: GcPlan) -> GcOutcome:
+    """Remove the planned results, a chunk at a time: detach their jobs and commit, then remove."""
+    outcome = GcOutcome()
+    keys = [item.key for item in plan.remove]
+    for start in range(0, len(keys), _CHUNK):
+        doomed = detach(service, keys[start : start + _CHUNK])
+        remove_unneeded(service, doomed, outcome)
+    outcome.temp_folders = service.store.clean_temp()
+    return outcome
+
+
+def detach(service: Service, keys: Sequence[str]) -> list[str]:
+    """Point no finished job at these results any more (committed on return), except those a
+    job queued or running meanwhile needs; returns the keys that may now be removed."""
+    with write_transaction(service.queue.engine) as conn:
+        busy = {
+            row.key
+            for row in conn.execute(
+                select(jobs.c.key).where(jobs.c.key.in_(keys), jobs.c.state.in_(list(ACTIVE_VALUES)))
+            )
+        }
+        doomed = [k for k in keys if k not in busy]
+        if doomed:
             conn.execute(
                 update(jobs)
                 .where(jobs.c.result_key.in_(doomed))
                 .values(result_key=None, error="result removed by gc", updated_at=now())
             )
-            for key in doomed:
-                freed += service.store.remove(key)
-    plan.temp_folders = service.store.clean_temp()
-    return freed
+    return doomed
+
+
+def remove_unneeded(service: Service, keys: Sequence[str], outcome: GcOutcome) -> None:
+    """Move each result aside, then delete it unless a job came to need it since `detach`
+    (a job of its key queued, or finished on the folder as it was): that one is put back."""
+    store = service.store
+    taken: dict[str, Path] = {}
+    for key in keys:
+        try:
+            trash = store.take_out(key)
+        except OSError as exc:
+            outcome.failed.append((key, exc.strerror or str(exc)))
+            continue
+        if trash is not None:
+            taken[key] = trash
+    needed = _needed(service, list(taken))
+    for key, trash in taken.items():
+        if key in needed and store.put_back(trash, key):
+            continue
+        outcome.freed += store.purge(trash)
+        outcome.removed += 1
+
+
+def _needed(service: Service, keys: Sequence[str]) -> set[str]:
+    if not keys:
+        return set()
+    with service.queue.engine.connect() as conn:
+        rows = conn.execute(
+            select(jobs.c.key, jobs.c.state, jobs.c.result_key).where(
+                or_(
+                    jobs.c.key.in_(keys) & jobs.c.state.in_(list(ACTIVE_VALUES)),
+                    jobs.c.result_key.in_(keys) & jobs.c.state.in_(list(DONE_VALUES)),
+                )
+            )
+        )
+        return {row.key if row.state in ACTIVE_VALUES else row.result_key for row in rows}
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -144,8 +232,18 @@ def run_gc(service: Service, plan: GcPlan) -> int:
 EXPORT_FORMATS = ("npz", "pt", "safetensors", "json")
 
 
+#: Mode of a new export: owner only, as the store itself (results may hold unpublished findings).
+EXPORT_MODE = 0o600
+
+
 def export(result: Any, fmt: str, out: Path) -> Path:
-    """Write a result for other tools. Pickle (`pt`) only ever goes out, never comes in."""
+    """Write a result for other tools. Pickle (`pt`) only ever goes out, never comes in.
+
+    The file is written into a temporary file created exclusively beside the output (so a
+    symlink or file planted under a guessable name is never written through), fsynced, and
+    renamed over the output; on any failure the temporary file is removed. A new output is
+    readable by its owner only; replacing a regular file keeps that file's mode.
+    """
     if fmt not in EXPORT_FORMATS:
         raise BadInput(f"unknown export format {fmt!r} (choose from: {', '.join(EXPORT_FORMATS)})")
     out = Path(out)
@@ -153,28 +251,68 @@ def export(result: Any, fmt: str, out: Path) -> Path:
         out = out / f"{result.job['id']}.{fmt}"
     if not out.parent.exists():
         raise BadInput(f"cannot write {out}: folder {out.parent} does not exist")
-    values = result.to_dict()
-    structure, tensors = flatten(values)
-    meta = {"job": result.job["id"], "experiment": result.job["experiment"], "model": result.job["model"],
-            "params": result.job["params"], "key": result.job["key"]}
-    tmp = out.with_name(f".{out.name}.tmp")
-    if fmt == "json":
-        tmp.write_text(json.dumps({**meta, "values": to_jsonable(values)}, indent=1, allow_nan=False))
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"ndif_jobs": json.dumps({**meta, "values": structure})})
-    elif fmt == "pt":
-        import torch
-
-        torch.save({**meta, "values": values}, tmp)
-    else:
-        import numpy as np
-
-        arrays = {name: (t.float() if "bfloat16" in str(t.dtype) else t).numpy() for name, t in tensors.items()}
-        arrays["__ndif_jobs__"] = np.array(json.dumps({**meta, "values": structure}))
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    tmp.replace(out)
+    mode = _export_mode(out)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise BadInput(f"cannot write {out}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _EXPORTERS[fmt](result, f)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+def _export_mode(out: Path) -> int:
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return EXPORT_MODE
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else EXPORT_MODE
+
+
+def _meta(result: Any) -> dict[str, Any]:
+    job = result.job
+    return {"job": job["id"], "experiment": job["experiment"], "model": job["model"], "params": job["params"],
+            "key": job["key"]}
+
+
+def _export_json(result: Any, f: IO[bytes]) -> None:
+    doc = {**_meta(result), "values": to_jsonable(result.to_dict())}
+    f.write(json.dumps(doc, indent=1, allow_nan=False).encode())
+
+
+def _export_safetensors(result: Any, f: IO[bytes]) -> None:
+    structure, tensors = flatten(result.to_dict())
+    f.flush()
+    write_safetensors_fd(f.fileno(), tensors, {"ndif_jobs": json.dumps({**_meta(result), "values": structure})})
+
+
+def _export_pt(result: Any, f: IO[bytes]) -> None:
+    import torch
+
+    torch.save({**_meta(result), "values": result.to_dict()}, f)
+
+
+def _export_npz(result: Any, f: IO[bytes]) -> None:
+    import numpy as np
+
+    structure, tensors = flatten(result.to_dict())
+    arrays = {name: (t.float() if "bfloat16" in str(t.dtype) else t).numpy() for name, t in tensors.items()}
+    arrays["__ndif_jobs__"] = np.array(json.dumps({**_meta(result), "values": structure}))
+    np.savez(f, **arrays)
+
+
+_EXPORTERS: dict[str, Callable[[Any, IO[bytes]], None]] = {
+    "npz": _export_npz, "pt": _export_pt, "safetensors": _export_safetensors, "json": _export_json,
+}

@@ -2,7 +2,8 @@
 
     results/<key[:2]>/<key>/
         tensors.safetensors   every tensor of the result (no pickle on disk, ever)
-        manifest.json         the result's structure, scalars and strings, and each file's sha256
+        manifest.json         the result's structure, scalars and strings, each file's sha256,
+                              and a sha256 of everything else in the manifest
 
 A result is written into a temporary folder beside its final place, fsynced, and renamed into
 place, so a crash leaves either the whole result or none of it. The safetensors file is written
@@ -18,7 +19,11 @@ before use, and `verify` always re-hashes. ctime cannot be set from user space, 
 rewritten in place with its mtime put back is caught; the stamp is recorded only once the
 file-time clock has moved past the file's times, so a change in the same clock tick is caught
 too. The stat is taken from the very file descriptor that is then hashed or mapped. What a stat
-cannot see (bits flipped by the disk itself) only `verify` finds. See docs/store.md.
+cannot see (bits flipped by the disk itself) only `verify` finds.
+
+The values kept in the manifest itself (scalars, strings, the structure, the stamps) are covered
+by `manifest_sha256`, checked on every read: a manifest is a few KiB, hashed in well under a
+millisecond. See docs/store.md.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
 import struct
 import sys
@@ -48,8 +54,13 @@ if TYPE_CHECKING:
 
 TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format 1 manifests (no `manifest_sha256`) are still read: their tensors are checked, their
+#: other values cannot be (`StoredResult.sealed` is False, and `verify` lists them).
+READABLE_FORMATS = (1, 2)
+CHECKSUM_FIELD = "manifest_sha256"
 _CHUNK = 16 << 20
+_KEY = re.compile(r"[0-9a-f]{8,}")
 
 # safetensors dtype names, from torch's.
 _ST_DTYPES = {
@@ -281,27 +292,41 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
     return digest, total
 
 
+def write_safetensors_fd(
+    fd: int, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, name: str = "safetensors file"
+) -> tuple[str, int]:
+    """`write_safetensors` into a file the caller opened (empty, at offset 0): `export` writes into
+    a temporary file it created itself and must not reopen by name."""
+    digest, total, _ = _write_safetensors_to(fd, name, tensors, metadata)
+    return digest, total
+
+
 def _write_safetensors(
     path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> tuple[str, int, os.stat_result]:
+    with open(path, "wb", buffering=0) as f:
+        return _write_safetensors_to(f.fileno(), str(path), tensors, metadata)
+
+
+def _write_safetensors_to(
+    fd: int, name: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> tuple[str, int, os.stat_result]:
     head, order = _header(tensors, metadata or {})
     total = len(head) + sum(nbytes for _, nbytes in order)
     staging = _Staging()
     hasher = _Hasher(staging)
     try:
-        with open(path, "wb", buffering=0) as f:
-            fd = f.fileno()
-            hasher.update((memoryview(head), None))
-            _write_all(fd, memoryview(head))
-            for name, _nbytes in order:
-                for piece in _tensor_pieces(tensors[name], staging):
-                    hasher.update(piece)  # hashed on the other thread while it is written here
-                    _write_all(fd, piece[0])
-            if os.fstat(fd).st_size != total:
-                raise StoreError(f"{path}: wrote {os.fstat(fd).st_size} bytes, expected {total}")
-            os.fsync(fd)  # the disk works while the hasher finishes
-            digest = hasher.hexdigest()
-            st = os.fstat(fd)
+        hasher.update((memoryview(head), None))
+        _write_all(fd, memoryview(head))
+        for tensor_name, _nbytes in order:
+            for piece in _tensor_pieces(tensors[tensor_name], staging):
+                hasher.update(piece)  # hashed on the other thread while it is written here
+                _write_all(fd, piece[0])
+        if os.fstat(fd).st_size != total:
+            raise StoreError(f"{name}: wrote {os.fstat(fd).st_size} bytes, expected {total}")
+        os.fsync(fd)  # the disk works while the hasher finishes
+        digest = hasher.hexdigest()
+        st = os.fstat(fd)
     finally:
         hasher.close(abort=True)
     return digest, total, st
@@ -418,6 +443,23 @@ def _settled_stamp(st: os.stat_result, wait_s: float = 0.25) -> dict[str, int] |
     return _stamp(st)
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of canonical JSON (sorted keys, no spaces, ASCII) of every field but the checksum.
+
+    Computed over the parsed manifest, so any edit to a value, a stamp or a file's checksum
+    changes it, however the file is re-indented. Python's float repr round-trips, so a float
+    reads back to the very text it was hashed as.
+    """
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def is_key(name: str) -> bool:
+    """Whether a folder name under `results/<prefix>/` can be a result key."""
+    return _KEY.fullmatch(name) is not None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -442,6 +484,16 @@ class StoredResult:
     def values(self) -> dict[str, Any]:
         return unflatten(self.manifest["values"], self.tensors)
 
+    @property
+    def sealed(self) -> bool:
+        """Whether every value is covered by a checksum (False for a format 1 manifest)."""
+        return is_sealed(self.manifest)
+
+
+def is_sealed(manifest: Mapping[str, Any]) -> bool:
+    """Format 2 and later: `ResultStore.manifest` has checked `manifest_sha256` on reading it."""
+    return manifest.get("format") != 1
+
 
 @dataclass(frozen=True)
 class StoredInfo:
@@ -458,7 +510,7 @@ class ResultStore:
         self.root = Path(root)
 
     def path_for(self, key: str) -> Path:
-        if len(key) < 8 or not all(c in "0123456789abcdef" for c in key):
+        if not is_key(key):
             raise StoreError(f"bad result key {key!r}")
         return self.root / key[:2] / key
 
@@ -469,19 +521,24 @@ class ResultStore:
         """Store `result` under `key` atomically; returns its size in bytes.
 
         If a whole result is already there (a duplicate completion), it is kept and the new
-        one discarded: the first stored result of a key is the one that stays.
+        one discarded: the first stored result of a key is the one that stays. A damaged one is
+        moved aside to `.corrupt-*` and replaced; a format 1 one (values not covered by a
+        checksum) is replaced, so that running its job again seals it.
         """
         final = self.path_for(key)
         if (final / MANIFEST_FILE).exists():
             try:
-                self.check(key, full=True)
-                return self._size(final)
+                if is_sealed(self.check(key, full=True)):
+                    return self._size(final)
+                aside = f".trash-{key[:16]}-{uuid.uuid4().hex[:8]}"
             except ResultCorrupt:
-                # A damaged copy is moved aside (kept for inspection), and the new one stored.
-                try:
-                    os.rename(final, self.root / f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}")
-                except OSError as exc:
-                    raise StoreError(f"cannot replace damaged result {key[:12]}: {exc.strerror or exc}") from None
+                aside = f".corrupt-{key[:16]}-{uuid.uuid4().hex[:8]}"  # kept for inspection
+            try:
+                os.rename(final, self.root / aside)
+            except OSError as exc:
+                raise StoreError(f"cannot replace result {key[:12]}: {exc.strerror or exc}") from None
+            if aside.startswith(".trash-"):
+                shutil.rmtree(self.root / aside, ignore_errors=True)
         structure, tensors = flatten(result)
         new_prefix = not final.parent.exists()
         try:
@@ -505,6 +562,7 @@ class ResultStore:
                 },
                 "values": structure,
             }
+            manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
             body = json.dumps(manifest, indent=1, allow_nan=False).encode()
             with open(tmp / MANIFEST_FILE, "wb") as f:
                 f.write(body)
@@ -543,10 +601,16 @@ class ResultStore:
             raise ResultCorrupt(f"result {key[:12]}: manifest.json is not valid JSON") from None
         if (
             not isinstance(manifest, dict)
-            or manifest.get("format") != FORMAT_VERSION
+            or type(manifest.get("format")) is not int
+            or manifest["format"] not in READABLE_FORMATS
             or not isinstance(manifest.get("files"), dict)
         ):
             raise ResultCorrupt(f"result {key[:12]}: manifest.json is not an ndif-jobs manifest")
+        # A format 1 manifest never had a checksum: one that has is a sealed manifest relabelled.
+        if (manifest["format"] == 1 and CHECKSUM_FIELD in manifest) or (
+            manifest["format"] != 1 and manifest.get(CHECKSUM_FIELD) != manifest_digest(manifest)
+        ):
+            raise ResultCorrupt(f"result {key[:12]}: manifest.json does not match its checksum (a value was changed)")
         return manifest
 
     def check(self, key: str, full: bool = True) -> dict[str, Any]:
@@ -600,13 +664,15 @@ class ResultStore:
         return StoredResult(key=key, path=folder, manifest=manifest, tensors=tensors)
 
     def iter_stored(self) -> Iterator[StoredInfo]:
+        """Every result folder. Anything else under the store (a backup copy, a note, a folder
+        that is not named for a key) is no result and is left alone."""
         if not self.root.exists():
             return
         for prefix in sorted(self.root.iterdir()):
             if not prefix.is_dir() or prefix.name.startswith("."):
                 continue
             for folder in sorted(prefix.iterdir()):
-                if not folder.is_dir():
+                if not folder.is_dir() or folder.is_symlink() or not is_key(folder.name) or folder.name[:2] != prefix.name:
                     continue
                 try:
                     size = self._size(folder)
@@ -616,12 +682,33 @@ class ResultStore:
                 yield StoredInfo(key=folder.name, path=folder, bytes=size, created_at=created)
 
     def remove(self, key: str) -> int:
+        """Remove a result; returns the bytes freed. Raises `OSError` if it cannot be moved out."""
+        trash = self.take_out(key)
+        return self.purge(trash) if trash is not None else 0
+
+    def take_out(self, key: str) -> Path | None:
+        """Move a result out of its place into a `.trash-*` folder (atomic: a reader sees the whole
+        result or none); None if it is not there. `put_back` undoes it, `purge` deletes it."""
         folder = self.path_for(key)
-        if not folder.exists():
-            return 0
-        size = self._size(folder)
         trash = self.root / f".trash-{key[:16]}-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, trash)  # atomic: readers see the whole result or none
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return None
+        return trash
+
+    def put_back(self, trash: Path, key: str) -> bool:
+        """Return a taken-out result to its place; False if a new one was stored there meanwhile."""
+        try:
+            os.rename(trash, self.path_for(key))
+        except OSError:
+            return False
+        return True
+
+    def purge(self, trash: Path) -> int:
+        """Delete a taken-out result; returns its size. What cannot be deleted stays a `.trash-*`
+        folder, which `clean_temp` tries again."""
+        size = self._size(trash)
         shutil.rmtree(trash, ignore_errors=True)
         return size
 

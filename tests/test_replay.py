@@ -175,4 +175,4 @@ def test_gc_removes_by_size_but_never_what_the_queue_needs(env, done, home) -> N
     # The next identical submission runs again instead of pointing at nothing.
     assert submit(env, "activations", *ACT)["state"] == "queued"
     assert run_cli("gc", "--max-size", "lots", env=env).returncode == 2
-    assert run_cli("gc", env=env).returncode == 2
+    assert run_cli("gc", env=env).returncode == 0  # no criterion: only what no job points at (nothing here)

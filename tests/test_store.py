@@ -261,6 +261,8 @@ def test_stamp_without_ctime_from_an_older_manifest_means_rehash(tmp_path, monke
     mpath = store.path_for(KEY) / MANIFEST_FILE
     manifest = json.loads(mpath.read_text())
     del manifest["files"][TENSOR_FILE]["stat"]["ctime_ns"]
+    del manifest[results.CHECKSUM_FIELD]
+    manifest["format"] = 1  # stamps without ctime were written by format 1 only
     mpath.write_text(json.dumps(manifest))
     calls = []
     real = results._sha256_fd
@@ -289,18 +291,22 @@ def test_get_maps_the_very_file_it_checked(tmp_path, monkeypatch) -> None:  # ty
 
 
 def test_bad_manifest_entries_and_headers_are_corrupt(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from ndif_jobs.results import read_safetensors
+    from ndif_jobs.results import CHECKSUM_FIELD, manifest_digest, read_safetensors
+
+    def sealed(manifest: dict) -> str:
+        """A bad manifest with a matching checksum: the checks behind the checksum must catch it."""
+        return json.dumps({**manifest, CHECKSUM_FIELD: manifest_digest(manifest)})
 
     store = ResultStore(tmp_path)
     store.put(KEY, sample())
     mpath = store.path_for(KEY) / MANIFEST_FILE
     good = json.loads(mpath.read_text())
     no_tensors = dict(good, files={})
-    mpath.write_text(json.dumps(no_tensors))
+    mpath.write_text(sealed(no_tensors))
     with pytest.raises(ResultCorrupt, match="no checksum"):
         store.get(KEY)
     outside = dict(good, files={**good["files"], "../../secret": {"sha256": "0" * 64, "bytes": 1}})
-    mpath.write_text(json.dumps(outside))
+    mpath.write_text(sealed(outside))
     with pytest.raises(ResultCorrupt, match="bad file"):
         store.check(KEY)
     # a header whose offsets disagree with the shape
