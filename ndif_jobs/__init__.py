@@ -7,6 +7,10 @@ Python API::
     result = ndif_jobs.load_result(job.id)      # after `ndif-jobs worker --until-empty`
     result = ndif_jobs.run("activations", prompt="The capital of France is", wait=True)
 
+Your own experiments: `experiment`, `Params` with the typed parameters `Layer`, `Layers`,
+`Position`, `Prompt`, `Token` (checked against the model at submit), and the staged API
+(`Pass`, `Window`) that packs their forward passes with other jobs'.
+
 Importing this package is cheap: the heavy parts load on first use.
 """
 
@@ -31,6 +35,9 @@ from .errors import (
 if TYPE_CHECKING:
     from .api import Job, load_result, run, submit
     from .experiments import Params, experiment
+    from .experiments.params import Layer, Layers, Position, Prompt, Token
+    from .experiments.stages import Pass, Window
+    from .preflight import PreflightWarning
     from .service import Result
 
 __version__ = "0.1.0"
@@ -43,6 +50,16 @@ _LAZY = {
     "Result": "service",
     "experiment": "experiments",
     "Params": "experiments",
+    # Typed parameters that pre-flight checks against the model (see experiments.params).
+    "Layer": "experiments.params",
+    "Layers": "experiments.params",
+    "Position": "experiments.params",
+    "Prompt": "experiments.params",
+    "Token": "experiments.params",
+    # The staged API: yield Passes, and the runner packs them with other jobs' (torch-free import).
+    "Pass": "experiments.stages",
+    "Window": "experiments.stages",
+    "PreflightWarning": "preflight",
 }
 
 
@@ -59,6 +76,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "submit", "run", "load_result", "Job", "Result", "experiment", "Params",
+    "Layer", "Layers", "Position", "Prompt", "Token", "Pass", "Window", "PreflightWarning",
     "NdifJobsError", "BadInput", "InvalidParams", "UnknownExperiment", "UnknownModel", "JobNotFound",
     "StoreError", "ResultCorrupt", "ResultMissing", "OfflineMiss", "ExperimentError",
 ]

@@ -77,6 +77,7 @@ def run(
         return service.load_result(done.id)
     if is_offline:
         raise service.offline_miss(prepared)
+    service.require_buildable(prepared)
     job = service.queue.enqueue([prepared.new_job])[0]
     if not wait:
         return Job(job.id, job.state, job.joined)

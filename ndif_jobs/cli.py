@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import BadInput, NdifJobsError
+from .errors import BadInput, NdifJobsError, clip_error
 
 app = typer.Typer(
     name="ndif-jobs",
@@ -42,6 +42,7 @@ STATE_STYLES = {
 class _Context:
     imports: list[str] = []
     offline: bool = False
+    env_file: Path | None = None
 
 
 _ctx = _Context()
@@ -50,8 +51,10 @@ _ctx = _Context()
 def _settings():  # type: ignore[no-untyped-def]
     from .settings import Settings
 
+    if _ctx.env_file is not None and not _ctx.env_file.is_file():
+        raise BadInput(f"--env-file {_ctx.env_file}: no such file")
     try:
-        settings = Settings()
+        settings = Settings(_env_file=_ctx.env_file) if _ctx.env_file is not None else Settings()
     except Exception as exc:  # noqa: BLE001 - pydantic's error, made one line
         raise BadInput(f"bad configuration: {_validation_line(exc)}") from None
     updates: dict[str, Any] = {}
@@ -162,12 +165,17 @@ def _jobs_table(rows: list[Any], title: str | None = None):  # type: ignore[no-u
 @app.callback()
 def main_options(
     import_: list[str] = typer.Option(
-        [], "--import", help="Module defining your own @experiment functions (repeatable)."
+        [], "--import",
+        help="Your own @experiment functions: a module name, path/to/file.py or path/to/folder:module (repeatable).",
     ),
     offline: bool = typer.Option(False, "--offline", help="Serve from the store only: no network, no model."),
+    env_file: Optional[Path] = typer.Option(
+        None, "--env-file", help="Read settings from this .env file instead of <data folder>/.env.",
+    ),
 ) -> None:
     _ctx.imports = list(import_)
     _ctx.offline = offline
+    _ctx.env_file = env_file
 
 
 # -- submitting ----------------------------------------------------------------------------
@@ -195,7 +203,8 @@ def submit(
     service = _service(logs=True)
     exp = experiments.get(experiment)
     from_pairs = parse_pairs(exp.params, param)
-    param_sets = read_params_file(str(params_file)) if params_file else [{}]
+    limit = service.settings.max_submit_jobs
+    param_sets = read_params_file(str(params_file), max_jobs=limit) if params_file else [{}]
     subs = [
         Submission(
             experiment=experiment,
@@ -208,7 +217,7 @@ def submit(
         )
         for base in param_sets
     ]
-    results = service.submit_many(subs)
+    results = _with_preflight_warnings(lambda: service.submit_many(subs))
     docs = [{"id": r.id, "state": r.state, **({"joined": True} if r.joined else {})} for r in results]
     if as_json:
         _print_json(docs[0] if len(docs) == 1 else docs)
@@ -216,6 +225,28 @@ def submit(
     for doc in docs:
         note = " (already queued: joined)" if doc.get("joined") else (" (served from the store)" if doc["state"] == "cached" else "")
         print(f"{doc['id']}{note}" if sys.stdout.isatty() else doc["id"])
+
+
+def _with_preflight_warnings(call: Any) -> Any:
+    """Run `call`; then print each distinct pre-flight warning as one `warning:` line on stderr
+    (a params file of many jobs with the same answer says it once). Nothing is printed when
+    `call` raises: its error is the one line."""
+    import warnings
+
+    from .preflight import PreflightWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PreflightWarning)
+        value = call()
+    counts: dict[str, int] = {}
+    for w in caught:
+        if issubclass(w.category, PreflightWarning):
+            counts[str(w.message)] = counts.get(str(w.message), 0) + 1
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message, n in counts.items():
+        sys.stderr.write(f"warning: {message}" + (f" ({n} jobs)" if n > 1 else "") + "\n")
+    return value
 
 
 # -- the worker ----------------------------------------------------------------------------
@@ -280,9 +311,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     store_bytes = service.queue.stored_bytes()
     lease_expired = service.queue.lease_expired_counts()
     retrying, next_retry = service.queue.retry_waiting()
+    needs_worker = service.queue.needs_worker_counts()
+    gone = _held_by_gone_workers(service.queue)
     if as_json:
         _print_json({"counts": counts, "total": sum(counts.values()), "store_bytes": store_bytes,
                      "lease_expired": lease_expired, "retry_waiting": retrying, "next_retry_at": next_retry,
+                     "waiting_for_worker": needs_worker, "held_by_gone_workers": gone,
                      "at_ndif": service.queue_remote_waiting(), "latest": [_job_summary(r) for r in latest]})
         return
     from rich.table import Table
@@ -298,6 +332,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         held = ", ".join(f"{n} {state}" for state, n in lease_expired.items())
         console.print(f"[yellow]held by a worker that stopped renewing its lease: {held}[/] (the next worker"
                       " runs them again, or re-attaches to NDIF for submitted ones)")
+    for holder in gone:
+        console.print(f"[yellow]held by a worker that is gone ({holder['where']}): {holder['jobs']} jobs[/] (the next"
+                      " worker takes them back at once, no attempt spent)")
+    if needs_worker:
+        which = ", ".join(f"{name} ({n})" for name, n in sorted(needs_worker.items()))
+        console.print(f"{sum(needs_worker.values())} queued jobs wait for a worker that can run them: {which}; start"
+                      " one with --import or NDIF_JOBS_IMPORTS naming the module that defines the experiment",
+                      markup=False)
     if retrying:
         due = time.strftime("%H:%M:%S", time.localtime(next_retry)) if next_retry else "soon"
         console.print(f"{retrying} queued jobs wait to retry after an error (first at {due};"
@@ -307,6 +349,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
                       f" {bundle['description'][:80]}", markup=False)
     if latest:
         console.print(_jobs_table(latest, title="latest jobs"))
+
+
+def _held_by_gone_workers(queue: Any) -> list[dict[str, Any]]:
+    """Workers of this host that hold jobs though their process is gone (killed, crashed)."""
+    from . import owners
+
+    return [{"worker": owner, "where": owners.describe(owner), "jobs": held}
+            for owner, held, _until in queue.holders() if owners.is_gone(owner)]
 
 
 @app.command("list")
@@ -549,7 +599,13 @@ def export(
     if fmt not in EXPORT_FORMATS:
         raise BadInput(f"unknown export format {fmt!r} (choose from: {', '.join(EXPORT_FORMATS)})")
     service = _service()
-    path = export_result(service.load_result(job, verify=True), fmt, out)
+    result = service.load_result(job, verify=True)
+    path = export_result(result, fmt, out)
+    from .results import is_sealed
+
+    if not is_sealed(result.manifest):
+        sys.stderr.write(f"note: job {result.job['id']}'s result was stored before values were checksummed: only its"
+                         " tensors were checked (ndif-jobs retry it to have every value checked)\n")
     print(path)
 
 
@@ -581,12 +637,20 @@ def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     service = _service()
     report = run_verify(service)
     if as_json:
-        _print_json({"checked": report.checked, "ok": report.ok, "problems": report.problems})
+        _print_json({"checked": report.checked, "ok": report.ok, "problems": report.problems,
+                     "unsealed": report.unsealed})
     else:
         console = _console()
         for problem in report.problems:
             console.print(f"[red]{problem['problem']}[/] {problem['key'][:12]}  jobs {' '.join(problem['jobs'])}: {problem['detail']}")
-        console.print(f"checked {report.checked} results: {report.ok} ok, {len(report.problems)} bad")
+        for entry in report.unsealed:
+            console.print(f"[yellow]tensors only[/] {entry['key'][:12]}  jobs {' '.join(entry['jobs'])}: stored before"
+                          " values were checksummed, so its other values cannot be checked")
+        console.print(f"checked {report.checked} results: {report.ok} ok, {len(report.problems)} bad"
+                      + (f", {len(report.unsealed)} with only their tensors checked" if report.unsealed else ""))
+        if report.unsealed:
+            ids = " ".join(j for e in report.unsealed for j in e["jobs"])
+            console.print(f"to have every value checked, run them again with: ndif-jobs retry {ids}")
         if report.problems:
             ids = " ".join(j for p in report.problems for j in p["jobs"])
             console.print(f"run them again with: ndif-jobs retry {ids}")
@@ -598,24 +662,53 @@ def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 def gc(
     older_than: Optional[float] = typer.Option(None, "--older-than", min=0, help="Remove results older than DAYS."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove oldest results until the store is under SIZE (e.g. 20GiB)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, with its jobs and tags; remove nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Remove stored results by age or size, never one that a queued or running job needs."""
+    """Remove stored results by age or size, never one that a queued or running job needs.
+
+    Always removes results that no job points at; with neither --older-than nor --max-size,
+    only those.
+    """
     from .housekeeping import parse_size, plan_gc, run_gc
 
     limit = parse_size(max_size) if max_size is not None else None
     service = _service()
     plan = plan_gc(service, older_than, limit)
-    freed = plan.freed if dry_run else run_gc(service, plan)
-    doc = {"removed": len(plan.remove), "freed_bytes": freed, "dry_run": dry_run,
-           "kept_in_use": plan.kept_in_use, "keys": [k for k, _, _ in plan.remove]}
+    outcome = None if dry_run else run_gc(service, plan)
+    freed = plan.freed if outcome is None else outcome.freed
+    removed = len(plan.remove) if outcome is None else outcome.removed
+    failed = [] if outcome is None else outcome.failed
+    doc = {"removed": removed, "freed_bytes": freed, "dry_run": dry_run, "kept_in_use": plan.kept_in_use,
+           "keys": [item.key for item in plan.remove],
+           "results": [{"key": i.key, "bytes": i.bytes, "created_at": i.created_at, "jobs": list(i.jobs)}
+                       for i in plan.remove],
+           "failed": [{"key": key, "error": why} for key, why in failed]}
     if as_json:
         _print_json(doc)
-        return
-    verb = "would free" if dry_run else "freed"
-    _console().print(f"{'would remove' if dry_run else 'removed'} {len(plan.remove)} results, {verb} {_bytes(freed)}"
-                     + (f"; kept {plan.kept_in_use} that queued or running jobs need" if plan.kept_in_use else ""))
+    else:
+        console = _console()
+        if dry_run:
+            for item in plan.remove:
+                console.print(f"  {item.key[:12]}  {_bytes(item.bytes):>10}  {_ago(item.created_at):>8}  {_gc_jobs(item.jobs)}",
+                              markup=False)
+        verb = "would free" if dry_run else "freed"
+        console.print(f"{'would remove' if dry_run else 'removed'} {removed} results, {verb} {_bytes(freed)}"
+                      + (f"; kept {plan.kept_in_use} that queued or running jobs need" if plan.kept_in_use else ""))
+    if failed:
+        reasons = "; ".join(f"{key[:12]}: {why}" for key, why in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        sys.stderr.write(f"error: could not remove {len(failed)} results ({reasons}); no job points at them any more,"
+                         " and the next gc removes them\n")
+        raise typer.Exit(1)
+
+
+def _gc_jobs(found: Any) -> str:
+    """`gc --dry-run`'s note on the jobs a result serves: ids, experiment and tags."""
+    if not found:
+        return "no job points at it"
+    shown = [f"{j['id']} {j['experiment']}" + (f" [{', '.join(j['tags'])}]" if j["tags"] else "") for j in found[:5]]
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return "jobs " + ", ".join(shown) + more
 
 
 @db_app.command("upgrade")
@@ -640,7 +733,7 @@ def main() -> None:
     except NdifJobsError as exc:
         from .logging import scrub
 
-        sys.stderr.write(f"error: {scrub(str(exc))}\n")
+        sys.stderr.write(f"error: {clip_error(scrub(str(exc)))}\n")
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
@@ -658,7 +751,7 @@ def main() -> None:
             sys.exit(130)
         from .logging import scrub
 
-        sys.stderr.write(f"error: {scrub(f'{type(exc).__name__}: {exc}'.splitlines()[0])}\n")
+        sys.stderr.write(f"error: {clip_error(scrub(f'{type(exc).__name__}: {exc}'.splitlines()[0]))}\n")
         sys.exit(1)
 
 

@@ -11,7 +11,10 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models import ModelRef
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,3 +40,11 @@ def cache_key(model_key: str, revision: str | None, experiment: str, source_hash
         "nnsight": nnsight_major_minor(),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def computation_keys(ref: "ModelRef", experiment: str, source_hash: str, params: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The key of running `experiment` with `params` on `ref`, and the keys earlier versions filed
+    the same computation under (they named local models by path: see `models.ModelRef.legacy`)."""
+    key = cache_key(ref.model_key, ref.revision, experiment, source_hash, params)
+    older = (cache_key(model_key, revision, experiment, source_hash, params) for model_key, revision in ref.legacy)
+    return key, tuple(k for k in older if k != key)

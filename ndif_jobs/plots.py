@@ -3,7 +3,9 @@
 `plot_results(results, out)` draws one figure for the results of ONE experiment and writes it
 to `out` (PNG, or PDF/SVG by suffix). Several results of one experiment overlay (line plots,
 one line per job, labelled by the parameters that differ between them) or tile (heatmaps and
-bar charts, one panel per job). Results of different experiments raise `PlotError`.
+bar charts, one panel per job). Patching jobs overlay as the fraction of each job's gap
+restored, and from `MANY_JOBS` on as their mean and spread. Results of different experiments
+raise `PlotError`.
 
 matplotlib is imported only inside `plot_results` (it is the optional `plot` extra), and the
 figure is drawn on its own Agg canvas without pyplot, so no global backend is touched.
@@ -68,12 +70,21 @@ def token_label(token: str, limit: int = _MAX_TOKEN_CHARS) -> str:
 
 
 def _short(text: str, limit: int) -> str:
-    """One line of at most `limit` characters: newlines shown as ⏎, the middle elided."""
+    """One line of at most `limit` characters: newlines shown as ⏎, the middle elided between
+    whole words (a word is cut only when it alone is longer than its share)."""
     one = text.replace("\r\n", "\n").replace("\n", "⏎").replace("\t", "⇥")
-    if len(one) > limit:
-        head = (limit - 1) * 2 // 5
-        tail = limit - 1 - head
-        one = one[:head].rstrip() + "…" + one[len(one) - tail :].lstrip()
+    if len(one) > limit and limit < 8:
+        one = one[: limit - 1] + "…"
+    elif len(one) > limit:
+        budget = limit - 3  # " … "
+        head_n = budget * 2 // 5
+        tail_n = budget - head_n
+        head, tail = one[:head_n], one[len(one) - tail_n :]
+        if not one[head_n].isspace() and " " in head.strip():
+            head = head[: head.rstrip().rfind(" ")]
+        if not one[len(one) - tail_n - 1].isspace() and " " in tail.strip():
+            tail = tail[tail.lstrip().find(" ") + (len(tail) - len(tail.lstrip())) + 1 :]
+        one = f"{head.rstrip()} … {tail.lstrip()}"
     return _escape_math(one)
 
 
@@ -352,68 +363,121 @@ def _cmap(name: str) -> Any:
 # -- patching ----------------------------------------------------------------------------------
 
 
+#: From this many jobs on, a patching overlay draws the jobs' mean and spread, not a line each.
+MANY_JOBS = 5
+
+
 def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
+    """One job: its logit differences with the clean and corrupted levels. Several: the fraction
+    of each job's gap restored, which is comparable across prompts and answers where raw logit
+    differences are not; many: their mean and spread."""
     rows = []
     for r in results:
         layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
         diff = _array(_field(r, "logit_diff")).reshape(-1)
         rows.append((layers, diff, float(_field(r, "clean_logit_diff")), float(_field(r, "corrupted_logit_diff"))))
-    answers = {(r.job["params"].get("answer"), r.job["params"].get("wrong_answer")) for r in results}
     n_layers = len({layer for row in rows for layer in row[0]})
     width = min(13.0, max(6.8, 0.22 * n_layers + 5.2))
-    height = 4.4 + 0.19 * (len(results) + 2)
+    if len(rows) == 1:
+        answers = (results[0].job["params"].get("answer"), results[0].job["params"].get("wrong_answer"))
+        return width, 4.4 + 0.19 * 4, _patching_one(rows[0], answers)
+    entries = 4 if len(rows) >= MANY_JOBS else len(rows) + 2
+    return width, 4.4 + 0.19 * (entries + 2), _patching_many(rows, labels)
+
+
+def _layer_axis(ax: Any, rows: Sequence[tuple[list[int], Any, float, float]]) -> None:
+    all_layers = sorted({layer for row in rows for layer in row[0]})
+    if len(all_layers) <= 40:
+        ax.set_xticks(all_layers)
+    ax.set_xlabel("patched layer", fontsize=_FONT + 0.5)
+    ax.tick_params(labelsize=_FONT)
+    ax.grid(axis="y", color="0.92")
+    ax.margins(x=0.03)
+
+
+def _patching_one(row: tuple[list[int], Any, float, float], answers: tuple[Any, Any]) -> Callable[[Any], None]:
+    layers, diff, clean, corrupted = row
 
     def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        (line,) = ax.plot(layers, diff, marker="o", markersize=4.5, linewidth=1.8, color="tab:blue",
+                          label="patched run (clean layer output → corrupted run)")
+        h1 = ax.axhline(clean, color="tab:green", linestyle="--", linewidth=1.2, label=f"clean run ({clean:+.2f})")
+        h2 = ax.axhline(corrupted, color="tab:red", linestyle=":", linewidth=1.4, label=f"corrupted run ({corrupted:+.2f})")
+        ax.axhline(0.0, color="0.75", linewidth=0.8, zorder=0)
+        _layer_axis(ax, [row])
+        answer, wrong = answers
+        ax.set_ylabel(f'logit("{token_label(str(answer))}") − logit("{token_label(str(wrong))}")', fontsize=_FONT + 0.5)
+        if abs(clean - corrupted) > 1e-6:
+            def frac(y: Any) -> Any:
+                return (y - corrupted) / (clean - corrupted)
+
+            def unfrac(f: Any) -> Any:
+                return f * (clean - corrupted) + corrupted
+
+            sec = ax.secondary_yaxis("right", functions=(frac, unfrac))
+            sec.set_ylabel("fraction of the clean difference recovered", fontsize=_FONT)
+            sec.tick_params(labelsize=_FONT - 0.5)
+        _bottom_legend(fig, handles=[line, h1, h2], ncols=1)
+
+    return draw
+
+
+def restored_fractions(rows: Sequence[tuple[list[int], Any, float, float]]) -> tuple[list[int], Any, int]:
+    """(layers, [job, layer] fraction of each job's gap restored, NaN where a job lacks the
+    layer, number of jobs left out because their clean and corrupted runs do not differ)."""
+    import numpy as np
+
+    layers = sorted({layer for row in rows for layer in row[0]})
+    column = {layer: i for i, layer in enumerate(layers)}
+    kept = [row for row in rows if abs(row[2] - row[3]) > 1e-6]
+    out = np.full((len(kept), len(layers)), np.nan)
+    for j, (job_layers, diff, clean, corrupted) in enumerate(kept):
+        for layer, value in zip(job_layers, diff):
+            out[j, column[layer]] = (value - corrupted) / (clean - corrupted)
+    return layers, out, len(rows) - len(kept)
+
+
+def _patching_many(rows: Sequence[tuple[list[int], Any, float, float]], labels: list[str]) -> Callable[[Any], None]:
+    layers, fractions, dropped = restored_fractions(rows)
+    many = len(rows) >= MANY_JOBS
+
+    def draw(fig: Any) -> None:
+        import numpy as np
         from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
 
         ax = fig.subplots()
-        single = len(rows) == 1
-        colors = _colors(len(rows))
-        handles = []
-        for (layers, diff, clean, corrupted), label, color in zip(rows, labels, colors):
-            (line,) = ax.plot(layers, diff, marker="o", markersize=4.5, linewidth=1.8, color=color,
-                              label="patched run (clean layer output → corrupted run)" if single else label)
-            handles.append(line)
-            clean_style = dict(color="tab:green" if single else color, linestyle="--", linewidth=1.2)
-            corrupt_style = dict(color="tab:red" if single else color, linestyle=":", linewidth=1.4)
-            h1 = ax.axhline(clean, **clean_style)
-            h2 = ax.axhline(corrupted, **corrupt_style)
-            if single:
-                h1.set_label(f"clean run ({clean:+.2f})")
-                h2.set_label(f"corrupted run ({corrupted:+.2f})")
-                handles += [h1, h2]
-        if not single:
-            handles += [Line2D([], [], color="grey", linestyle="--", linewidth=1.2, label="clean run level"),
-                        Line2D([], [], color="grey", linestyle=":", linewidth=1.4, label="corrupted run level")]
-        ax.axhline(0.0, color="0.75", linewidth=0.8, zorder=0)
-        all_layers = sorted({layer for row in rows for layer in row[0]})
-        if len(all_layers) <= 40:
-            ax.set_xticks(all_layers)
-        ax.set_xlabel("patched layer", fontsize=_FONT + 0.5)
-        if len(answers) == 1:
-            answer, wrong = next(iter(answers))
-            ylabel = f'logit("{token_label(str(answer))}") − logit("{token_label(str(wrong))}")'
+        handles: list[Any] = []
+        if many:
+            for values in fractions:
+                ax.plot(layers, values, color="0.55", linewidth=0.7, alpha=0.45, zorder=1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a layer no job patched: NaN
+                mean, sd = np.nanmean(fractions, axis=0), np.nanstd(fractions, axis=0)
+            ax.fill_between(layers, mean - sd, mean + sd, color="tab:blue", alpha=0.2, linewidth=0, zorder=2)
+            ax.plot(layers, mean, marker="o", markersize=4, linewidth=2.2, color="tab:blue", zorder=3)
+            handles += [Line2D([], [], color="tab:blue", linewidth=2.2, marker="o", markersize=4,
+                               label=f"mean over {len(fractions)} jobs"),
+                        Patch(color="tab:blue", alpha=0.2, label="± one standard deviation"),
+                        Line2D([], [], color="0.55", linewidth=0.7, label="each job")]
         else:
-            ylabel = "logit(answer) − logit(wrong answer)"
-        ax.set_ylabel(ylabel, fontsize=_FONT + 0.5)
-        ax.tick_params(labelsize=_FONT)
-        ax.grid(axis="y", color="0.92")
-        ax.margins(x=0.03)
-        if single:
-            _, _, clean, corrupted = rows[0]
-            if abs(clean - corrupted) > 1e-6:
-                def frac(y: Any) -> Any:
-                    return (y - corrupted) / (clean - corrupted)
+            kept = [label for label, row in zip(labels, rows) if abs(row[2] - row[3]) > 1e-6]
+            for values, label, color in zip(fractions, kept, _colors(len(rows))):
+                (line,) = ax.plot(layers, values, marker="o", markersize=4.5, linewidth=1.8, color=color, label=label)
+                handles.append(line)
+        ax.axhline(1.0, color="tab:green", linestyle="--", linewidth=1.2)
+        ax.axhline(0.0, color="tab:red", linestyle=":", linewidth=1.4)
+        handles += [Line2D([], [], color="tab:green", linestyle="--", linewidth=1.2, label="clean run (1)"),
+                    Line2D([], [], color="tab:red", linestyle=":", linewidth=1.4, label="corrupted run (0)")]
+        if dropped:
+            handles.append(Line2D([], [], linestyle="none",
+                                  label=f"{dropped} job{'s' if dropped > 1 else ''} left out: no gap between clean and corrupted"))
+        _layer_axis(ax, rows)
+        ax.set_ylabel("fraction of the clean − corrupted gap restored", fontsize=_FONT + 0.5)
+        _bottom_legend(fig, handles=handles, ncols=2 if many or len(handles) > 6 else 1)
 
-                def unfrac(f: Any) -> Any:
-                    return f * (clean - corrupted) + corrupted
-
-                sec = ax.secondary_yaxis("right", functions=(frac, unfrac))
-                sec.set_ylabel("fraction of the clean difference recovered", fontsize=_FONT)
-                sec.tick_params(labelsize=_FONT - 0.5)
-        _bottom_legend(fig, handles=handles, ncols=1)
-
-    return width, height, draw
+    return draw
 
 
 # -- activations -------------------------------------------------------------------------------
@@ -731,6 +795,39 @@ def default_plot_name(results: Sequence[Result]) -> str:
     return name + ".png"
 
 
+def figure(results: Sequence[Result], title: str | None = None) -> Any:
+    """The matplotlib `Figure` for results of one experiment, drawn but not written (for a
+    notebook, or to inspect); `plot_results` writes it. Raises `PlotError` as `plot_results`."""
+    results = list(results)
+    exp = _experiment(results)
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("plotting needs matplotlib: pip install 'ndif-jobs[plot]'") from None
+    labels = job_labels(results)
+    width, height, draw = _DRAW[exp](results, labels)
+    heading = _heading(results, title, width)
+    title_h = (heading.count("\n") + 1) * _TITLE_FONT * 1.35 / 72 + 0.15
+    with matplotlib.rc_context(_rc()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig = Figure(figsize=(width, height + title_h), layout="constrained")
+        draw(fig)
+        fig.suptitle(heading, fontsize=_TITLE_FONT)
+    return fig
+
+
+def _rc() -> dict[str, Any]:
+    fallbacks = _fallback_fonts()
+    return {
+        "font.size": _FONT,
+        "axes.titlesize": _FONT + 0.5,
+        "font.family": ["DejaVu Sans", *fallbacks],
+        "font.monospace": ["DejaVu Sans Mono", *fallbacks],
+        "savefig.dpi": _DPI,
+    }
+
+
 def plot_results(results: Sequence[Result], out: Path | str, title: str | None = None) -> Path:
     """Draw the figure for results of one experiment and write it to `out`; returns the path written.
 
@@ -739,34 +836,16 @@ def plot_results(results: Sequence[Result], out: Path | str, title: str | None =
     `ValueError` and a `BadInput`) for no results, mixed experiments or an unknown experiment.
     """
     results = list(results)
-    exp = _experiment(results)
-    try:
-        import matplotlib
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install 'ndif-jobs[plot]'") from None
+    fig = figure(results, title)
+    import matplotlib
+
     out = Path(out)
     if out.is_dir():
         out = out / default_plot_name(results)
     elif not out.suffix:
         out = out.with_suffix(".png")
-    labels = job_labels(results)
-    width, height, draw = _DRAW[exp](results, labels)
-    heading = _heading(results, title, width)
-    title_h = (heading.count("\n") + 1) * _TITLE_FONT * 1.35 / 72 + 0.15
-    fallbacks = _fallback_fonts()
-    rc = {
-        "font.size": _FONT,
-        "axes.titlesize": _FONT + 0.5,
-        "font.family": ["DejaVu Sans", *fallbacks],
-        "font.monospace": ["DejaVu Sans Mono", *fallbacks],
-        "savefig.dpi": _DPI,
-    }
-    with matplotlib.rc_context(rc), warnings.catch_warnings():
+    with matplotlib.rc_context(_rc()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig = Figure(figsize=(width, height + title_h), layout="constrained")
-        draw(fig)
-        fig.suptitle(heading, fontsize=_TITLE_FONT)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=_DPI)
     return out

@@ -63,7 +63,8 @@ class Service:
         if self.settings.database_url is None:
             ensure_private_dir(self.settings.home)
         retry_s = self.settings.db_retry_s if self.wait_for_database else 0.0
-        return Queue(open_database(self.settings.db_url, retry_s=retry_s), db_retry_s=self.settings.db_retry_s)
+        return Queue(open_database(self.settings.db_url, retry_s=retry_s), db_retry_s=self.settings.db_retry_s,
+                     result_exists=lambda key: self.store.exists(key))
 
     @cached_property
     def store(self) -> ResultStore:
@@ -81,7 +82,7 @@ class Service:
 
     def _prepare(self, sub: Submission, resolve_model: Any) -> Prepared:
         from . import experiments, preflight
-        from .keys import cache_key
+        from .keys import computation_keys
 
         exp = experiments.get(sub.experiment)
         if not isinstance(sub.params, Mapping):
@@ -99,10 +100,10 @@ class Service:
             raise BadInput(f"model {ref.spec!r} is not on NDIF: the ndif backend takes a Hugging Face repo id")
         if not -1_000_000 <= sub.priority <= 1_000_000:
             raise BadInput("priority must be between -1000000 and 1000000")
-        estimated = None
-        if exp.target.startswith("ndif_jobs.experiments.builtin:"):
-            estimated = preflight.check(exp.name, params, self._model_config(ref))
-        key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, params)
+        params, estimated = preflight.check(exp, params, ref, self.settings.models_dir,
+                                            fetch=backend == "ndif" and spec not in self.settings.local_standins,
+                                            offline=self.settings.offline)
+        key, older_keys = computation_keys(ref, exp.name, exp.source_hash, params)
         job = NewJob(
             key=key,
             experiment=exp.name,
@@ -115,16 +116,9 @@ class Service:
             max_attempts=self.settings.max_attempts,
             estimated_bytes=estimated,
             force=sub.force,
+            aliases=older_keys,
         )
         return Prepared(new_job=job, ref=ref)
-
-    def _model_config(self, ref: "ModelRef") -> dict[str, Any] | None:
-        cache = self.__dict__.setdefault("_configs", {})
-        if ref.model_key not in cache:
-            from . import preflight
-
-            cache[ref.model_key] = preflight.model_config(ref, self.settings.models_dir)
-        return cache[ref.model_key]
 
     def submit_many(self, subs: Sequence[Submission]) -> list[Enqueued]:
         """Validate every submission first, then queue them all in one transaction."""
@@ -133,7 +127,21 @@ class Service:
         # Each model is resolved once per call: resolving reads package metadata (about 0.3 ms).
         resolve = functools.lru_cache(maxsize=None)(resolve_model)
         prepared = [self._prepare(s, resolve) for s in subs]
+        for p in prepared:
+            self.require_buildable(p)
         return self.queue.enqueue([p.new_job for p in prepared])
+
+    def require_buildable(self, prepared: Prepared) -> None:
+        """Refuse an NDIF job whose worker could not build the request (`preflight.require_buildable`).
+        Exempt: one whose result is stored already (served from the store), and one whose model
+        has a local stand-in (a local worker runs it: the queue is being tried out first)."""
+        job = prepared.new_job
+        if job.backend != "ndif" or prepared.ref.spec in self.settings.local_standins:
+            return
+        if job.force or self.queue.done_by_key(job.key) is None:
+            from .preflight import require_buildable
+
+            require_buildable(prepared.ref, job.backend, self.settings.offline)
 
     def submit(self, sub: Submission) -> Enqueued:
         return self.submit_many([sub])[0]
@@ -163,14 +171,25 @@ class Service:
     def lookup(self, sub: Submission) -> tuple[Prepared, Any | None]:
         """The prepared submission and the done job that already holds its result, if any."""
         prepared = self.prepare(sub)
-        return prepared, self.queue.done_by_key(prepared.new_job.key)
+        for key in (prepared.new_job.key, *prepared.new_job.aliases):  # older key forms too
+            done = self.queue.done_by_key(key)
+            if done is not None and self.store.exists(done.result_key):
+                return prepared, done
+        # A result gone from disk is not served: queueing the job again detaches that job.
+        return prepared, None
 
     def offline_miss(self, prepared: Prepared) -> OfflineMiss:
         job = prepared.new_job
-        args = " ".join(f"-p {k}={json.dumps(v) if not isinstance(v, str) else _shell(v)}" for k, v in job.params.items() if v is not None)
+        args = " ".join(f"-p {_shell(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
+                        for k, v in job.params.items() if v is not None)
+        from .experiments import get
+
+        own = not get(job.experiment).target.startswith("ndif_jobs.experiments.builtin:")
+        imports = "".join(f"--import {_shell(m)} " for m in self.settings.import_modules) if own else ""
         return OfflineMiss(
             f"offline and not in the store: {job.experiment} on {job.model} with {json.dumps(job.params, sort_keys=True)}; "
-            f"queue it with: ndif-jobs submit {job.experiment} --model {_shell(job.model)} {args}".rstrip()
+            f"queue it with: ndif-jobs {imports}submit {job.experiment} --model {_shell(job.model)} "
+            f"--backend {job.backend} {args}".rstrip()
         )
 
 

@@ -1,9 +1,12 @@
 """The worker: claim -> bundle -> run -> store -> finish, until told to stop.
 
-Each loop claims up to `max_bundle` runnable jobs (one transaction, with a lease), groups them
-by (model, backend), and hands each group to its backend as one bundle. While a bundle runs,
-a heartbeat thread renews the leases so no other worker takes the jobs; if this process dies,
-the leases run out and the jobs go back to the queue.
+Each loop claims up to `max_bundle` jobs this worker can run (one transaction, with a lease;
+jobs of experiments it has not loaded, or NDIF jobs without a stand-in for a `--backend local`
+worker, stay queued for a worker that can), groups them by (model, backend), and hands each
+group to its backend as one bundle. While a bundle runs, a heartbeat thread renews the leases so
+no other worker takes the jobs. If this process dies, a worker on the same host sees its process
+is gone and takes the jobs back at once, no attempt spent (`owners.py`); a worker elsewhere
+waits for the leases to run out, and says so.
 
 Outcomes: a result is stored (atomically, keyed by cache key) before its job is marked
 completed, so a completed job always has its result. An experiment's own error fails that job
@@ -18,7 +21,6 @@ import json
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -26,15 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import crashpoints, experiments
+from . import crashpoints, experiments, owners
 from .backends import JobOutcome, JobSpec, get_backend
+from .db.queue import Runnable
 from .db.remote import RemoteBundles
-from .errors import NdifJobsError
+from .errors import NdifJobsError, clip_error
 from .logging import ensure_logging, get_logger, register_secret, scrub
 from .models import resolve_model
 from .service import Service
 
 log = get_logger("ndif_jobs.worker")
+
+#: Every how many polls a worker looks again for queued jobs it cannot run (to say so, once).
+UNRUNNABLE_CHECK_POLLS = 5
 
 
 class BundleTimeout(NdifJobsError):
@@ -44,7 +50,8 @@ class BundleTimeout(NdifJobsError):
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()[:40]}:{os.getpid()}:{random.randrange(16**4):04x}"
+    """`HOST:PID:START:RANDOM`: enough for a worker on the same host to tell this one is gone."""
+    return owners.new_worker_id()
 
 
 @dataclass
@@ -76,9 +83,57 @@ class _Heartbeat:
         self._thread.start()
         return self
 
+    def add(self, job_ids: list[str]) -> None:
+        """Renew these too from now on (jobs that joined the bundle)."""
+        self.job_ids = [*self.job_ids, *job_ids]
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+#: The notes a re-keyed job's history gets (`show` lists them with its attempts).
+SOURCE_CHANGED_NOTE = (
+    "key {old} -> {new}: the experiment's source (or the model, or nnsight) changed after submit, and the"
+    " result is filed under the code that ran; to run the submitted version, restore it and submit again"
+)
+KEY_FORM_NOTE = "key {old} -> {new}: the model is keyed by what it is, not where it lies"
+
+
+def _one_per_key(jobs: list[Any]) -> list[Any]:
+    """The job that runs for each key: the one with the smallest id (on every worker, so that one
+    re-attaching to an NDIF request knows which job's answer stands for the others)."""
+    first: dict[str, Any] = {}
+    for job in sorted(jobs, key=lambda j: j.id):
+        first.setdefault(job.key, job)
+    return list(first.values())
+
+
+def _local_specs(jobs: list[Any], outcomes: dict[str, JobOutcome]) -> list[JobSpec]:
+    """One spec per key; a job whose experiment this worker does not know gets that error."""
+    specs = []
+    for job in _one_per_key(jobs):
+        try:
+            experiments.get(job.experiment)
+            specs.append(JobSpec(job.id, job.experiment, json.loads(job.params)))
+        except NdifJobsError as exc:
+            outcomes[job.id] = JobOutcome(error=str(exc))
+    return specs
+
+
+def _share_outcomes(jobs: list[Any], outcomes: dict[str, JobOutcome]) -> dict[str, JobOutcome]:
+    """Each job's outcome is that of the computation of its key: a success if any job of the key
+    has one (NDIF answers only for the job that ran), or else the error of the one that ran."""
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for job in sorted(jobs, key=lambda j: j.id):
+        groups[job.key].append(job)
+    shared: dict[str, JobOutcome] = {}
+    for group in groups.values():
+        found = [outcomes[j.id] for j in group if j.id in outcomes]
+        if found:
+            source = next((o for o in found if o.ok), found[0])
+            shared.update((j.id, source) for j in group)
+    return shared
 
 
 class Worker:
@@ -95,8 +150,19 @@ class Worker:
         if self.settings.ndif_api_key is not None:
             register_secret(self.settings.ndif_api_key.get_secret_value())
         self.backend_filter = backend
+        #: What this worker claims, chosen in the claim's SQL: `--backend local` takes local jobs
+        #: and the NDIF jobs whose model has a stand-in (NDIF_JOBS_LOCAL_STANDINS); `--backend
+        #: ndif` only NDIF jobs; no flag, each job on its own backend. Only loaded experiments.
+        self.runnable = Runnable(
+            backend=backend,
+            standins=tuple(sorted(self.settings.local_standins)) if backend == "local" else (),
+            experiments=tuple(e.name for e in experiments.all_experiments()),
+        )
         self.max_bundle = max_bundle or self.settings.max_bundle
         self.id = worker_id()
+        #: What this worker has said it leaves (experiments, models) or waits on (workers): once each.
+        self._said: set[tuple[str, str]] = set()
+        self._next_unrunnable_check = 0.0
         self.stats = WorkerStats()
         self.on_progress = on_progress
         self._stopping = threading.Event()
@@ -141,21 +207,19 @@ class Worker:
     def run(self, until_empty: bool = False) -> WorkerStats:
         log.info("worker started", worker=self.id, backend=self.backend_filter or "any", max_bundle=self.max_bundle)
         queue = self.service.queue
-        # `--backend local` runs every job here (remote models through their local stand-ins);
-        # `--backend ndif` takes only NDIF jobs; no flag: each job on its own backend.
-        claim_filter = None if self.backend_filter == "local" else self.backend_filter
         try:
             while not self._stopping.is_set():
-                if self.backend_filter != "local":
+                self._take_back_from_gone_workers()
+                if self.runnable.takes_submitted:
                     self._reattach()
-                jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, backend=claim_filter)
+                self._report_unrunnable()
+                jobs = queue.claim(self.id, self.max_bundle, self.settings.lease_s, runnable=self.runnable)
                 if not jobs:
-                    # Jobs another worker holds count too: if it dies, their leases run out and
-                    # they come back here. A `--backend local` worker never waits on NDIF.
-                    waiting = (queue.pending_count() if self.backend_filter == "local"
-                               else queue.waiting_count(backend=claim_filter))
-                    if until_empty and waiting == 0:
+                    # Jobs another worker holds count too: if it dies, they come back here. Jobs
+                    # this worker cannot run do not: they wait for a worker that can.
+                    if until_empty and queue.waiting_count(runnable=self.runnable) == 0:
                         break
+                    self._report_lease_waits()
                     self._stopping.wait(self.settings.poll_s)
                     continue
                 crashpoints.reached("claimed")
@@ -204,32 +268,105 @@ class Worker:
                         error=str(exc))
 
     def _pack(self, jobs: list[Any]) -> list[list[Any]]:
-        """Split a model's jobs so no bundle asks for more than `max_result_bytes` back."""
+        """Split a model's jobs so no bundle asks for more than `max_result_bytes` back. Jobs of
+        one key stay together and count once: their computation runs once (`_one_per_key`)."""
         limit = self.settings.max_result_bytes
+        by_key: dict[str, list[Any]] = {}
+        for job in jobs:
+            by_key.setdefault(job.key, []).append(job)
         bundles: list[list[Any]] = [[]]
         size = 0
-        for job in jobs:
-            estimate = job.estimated_bytes or 0
+        for group in by_key.values():
+            estimate = group[0].estimated_bytes or 0
             if bundles[-1] and size + estimate > limit:
                 bundles.append([])
                 size = 0
-            bundles[-1].append(job)
+            bundles[-1].extend(group)
             size += estimate
         return bundles
 
     def _to_local(self, job: Any) -> Any:
-        """An NDIF job re-bound to run here: its stand-in model, its own cache key."""
+        """An NDIF job re-bound to run here: its stand-in model, its own cache key. The claim
+        gives a local worker an NDIF job only when its model has a stand-in."""
         if job.backend == "local":
             return job
         from .keys import cache_key
 
-        spec = self.settings.local_standins.get(job.model, job.model)
+        spec = self.settings.local_standins[job.model]
         ref = resolve_model(spec)
         exp = experiments.get(job.experiment)
         key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, json.loads(job.params))
         self.remote.rebind(job.id, backend="local", model=ref.spec, model_key=ref.model_key, key=key)
         log.info("running an NDIF job locally", job=job.id, model=job.model, standin=ref.spec)
         return self.service.queue.get(job.id)
+
+    # -- what this worker leaves to others, and what it waits for ---------------------------
+
+    def _take_back_from_gone_workers(self) -> None:
+        """Jobs held by a worker of this host whose process is gone come back now, not when its
+        lease runs out, and with no attempt spent: the job did not stop that worker."""
+        queue = self.service.queue
+        for owner, _held, _until in queue.holders():
+            if owner == self.id or not owners.is_gone(owner):
+                continue
+            where = owners.describe(owner)
+            counts = queue.take_back(owner, f"its worker ({where}) is gone: taken back by {self.id}, no attempt spent")
+            log.warning("took back the jobs of a worker that is gone", worker=owner, where=where,
+                        requeued=counts["requeued"], at_ndif_reattached=counts["at_ndif"], attempt_spent=False)
+
+    def _report_unrunnable(self) -> None:
+        """Say once which queued jobs this worker leaves and why, and note on the jobs of an
+        experiment it has not loaded that they wait for a worker that can run it (`status`)."""
+        if time.monotonic() < self._next_unrunnable_check:
+            return
+        self._next_unrunnable_check = time.monotonic() + UNRUNNABLE_CHECK_POLLS * self.settings.poll_s
+        queue = self.service.queue
+        unknown: dict[str, int] = defaultdict(int)
+        no_standin: dict[str, int] = defaultdict(int)
+        to_note: set[tuple[str, str]] = set()
+        for experiment, backend, model, n, noted in queue.unrunnable(self.runnable):
+            if not self.runnable.takes_backend(backend, model):
+                if backend == "ndif":
+                    no_standin[model] += n
+                continue  # another backend's job: not this worker's to run
+            unknown[experiment] += n
+            if noted < n:
+                to_note.add((experiment, backend))
+        for experiment, backend in sorted(to_note):
+            queue.note_unrunnable(experiment, backend, f"experiment {experiment!r}: {self._why_unknown()}")
+        for experiment, n in unknown.items():
+            if self._say_once("experiment", experiment):
+                log.warning("leaving jobs of an experiment this worker has not loaded: they stay queued for a worker"
+                            " that can run them", experiment=experiment, jobs=n, why=self._why_unknown())
+        for model, n in no_standin.items():
+            if self._say_once("model", model):
+                log.info("leaving NDIF jobs to an NDIF worker: their model has no local stand-in", model=model, jobs=n,
+                         hint="NDIF_JOBS_LOCAL_STANDINS maps an NDIF model to one that runs here")
+
+    def _why_unknown(self) -> str:
+        modules = self.settings.import_modules
+        if not modules:
+            return ("this worker imports no experiment modules: start one with --import MODULE or"
+                    " NDIF_JOBS_IMPORTS=MODULE naming the module that defines it")
+        return (f"the modules this worker imports ({', '.join(modules)}) do not define it: start a worker with"
+                " --import or NDIF_JOBS_IMPORTS naming the module that does")
+
+    def _report_lease_waits(self) -> None:
+        """With nothing to claim, say once per worker whose jobs this one waits on: what, and until when."""
+        t = time.time()
+        for owner, held, until in self.service.queue.holders(self.runnable):
+            if owner == self.id or until <= t or not self._say_once("worker", owner):
+                continue
+            log.info("waiting for jobs another worker holds: they come back when its lease runs out, unless it"
+                     " renews it (it does while it runs)", worker=owner, where=owners.describe(owner), jobs=held,
+                     lease_until=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
+                     in_s=round(until - t, 1))
+
+    def _say_once(self, kind: str, what: str) -> bool:
+        if (kind, what) in self._said:
+            return False
+        self._said.add((kind, what))
+        return True
 
     def _backend(self, name: str) -> Any:
         if name not in self._backends:
@@ -248,18 +385,14 @@ class Worker:
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend=backend_name)
         blog.info("bundle started")
         started = time.time()
-        specs: list[JobSpec] = []
         outcomes: dict[str, JobOutcome] = {}
-        for job in jobs:
-            try:
-                experiments.get(job.experiment)
-                specs.append(JobSpec(job.id, job.experiment, json.loads(job.params)))
-            except NdifJobsError as exc:
-                outcomes[job.id] = JobOutcome(error=str(exc))
         try:
-            with _Heartbeat(self.service, self.id, job_ids):
+            with _Heartbeat(self.service, self.id, job_ids) as beat:
+                ref = resolve_model(model)
+                jobs = self._settle_keys(ref, bundle_id, backend_name, jobs, beat, blog)
+                job_ids = [j.id for j in jobs]
+                specs = _local_specs(jobs, outcomes)
                 if specs:
-                    ref = resolve_model(model)
                     backend = self._backend(backend_name)
                     if hasattr(backend, "load"):
                         backend.load(ref)  # loading is not the experiments' time: outside the limit
@@ -283,6 +416,59 @@ class Worker:
             return
 
         self._store_outcomes(bundle_id, jobs, outcomes, blog, started)
+
+    def _settle_keys(
+        self, ref: Any, bundle_id: str, backend_name: str, jobs: list[Any], beat: _Heartbeat, blog: Any
+    ) -> list[Any]:
+        """The bundle's jobs, each under the key of what runs now, with the queued jobs of the
+        same keys joined in: each computation runs once, for all of them."""
+        jobs = self._rekey(ref, jobs, blog)
+        return jobs + self._join_same_keys(bundle_id, backend_name, jobs, beat, blog)
+
+    def _rekey(self, ref: Any, jobs: list[Any], blog: Any) -> list[Any]:
+        """Jobs whose key no longer names what runs, moved to the key of what does.
+
+        A job's key was computed at submit. If the experiment's source or the model's files
+        changed since, what runs here is another computation: the job is re-keyed to it, and its
+        history says so, so that a key always names the code and model that made its result.
+        """
+        from .keys import computation_keys
+
+        settled: list[Any] = []
+        changes: list[tuple[str, str, str, str]] = []
+        for job in jobs:
+            try:
+                exp = experiments.get(job.experiment)
+            except NdifJobsError:
+                settled.append(job)  # fails with this error when its spec is built
+                continue
+            key, older = computation_keys(ref, exp.name, exp.source_hash, json.loads(job.params))
+            if key != job.key:
+                moved = job.key in older
+                note = (KEY_FORM_NOTE if moved else SOURCE_CHANGED_NOTE).format(old=job.key[:12], new=key[:12])
+                changes.append((job.id, key, ref.model_key, note))
+                if not moved:
+                    blog.warning("re-keyed: the experiment or the model changed since submit", job=job.id,
+                                 submitted_key=job.key[:12], key=key[:12])
+                job = job._replace(key=key, model_key=ref.model_key)
+            settled.append(job)
+        if changes:
+            self.service.queue.rekey(self.id, changes)
+        return settled
+
+    def _join_same_keys(
+        self, bundle_id: str, backend_name: str, jobs: list[Any], beat: _Heartbeat, blog: Any
+    ) -> list[Any]:
+        """Queued jobs of the bundle's keys (several jobs retried together, a forced resubmit),
+        taken into the bundle as a submit joins a queued job of its key."""
+        held = {j.id for j in jobs}
+        keys = sorted({j.key for j in jobs})
+        now_held = self.service.queue.join_bundle(self.id, bundle_id, backend_name, keys, self.settings.lease_s)
+        joined = [j for j in now_held if j.id not in held]
+        if joined:
+            beat.add([j.id for j in joined])
+            blog.info("queued jobs of the same computations joined the bundle", joined=len(joined))
+        return joined
 
     def _run_with_time_limit(self, backend: Any, ref: Any, specs: list[JobSpec]) -> dict[str, JobOutcome]:
         """Run a local bundle's experiments on a thread, waiting at most `bundle_time_limit_s`.
@@ -320,19 +506,24 @@ class Worker:
         completed: list[tuple[str, str, int]] = []
         failed: list[tuple[str, str]] = []
         by_id = {j.id: j for j in jobs}
+        outcomes = _share_outcomes(jobs, outcomes)
+        stored: dict[str, int] = {}  # result bytes per key: one computation shared by several jobs is stored once
         for job_id, outcome in outcomes.items():
             job = by_id[job_id]
             jlog = blog.bind(job=job_id, experiment=job.experiment)
             if not outcome.ok:
-                jlog.warning("experiment failed", error=scrub(outcome.error or ""))
+                jlog.warning("experiment failed", error=clip_error(scrub(outcome.error or "")))
                 failed.append((job_id, scrub(outcome.error or "failed")))
                 continue
             try:
-                size = store.put(
-                    job.key,
-                    outcome.result or {},
-                    info={"experiment": job.experiment, "model": job.model, "params": json.loads(job.params), "job": job_id},
-                )
+                size = stored.get(job.key)
+                if size is None:
+                    size = stored[job.key] = store.put(
+                        job.key,
+                        outcome.result or {},
+                        info={"experiment": job.experiment, "model": job.model, "params": json.loads(job.params),
+                              "job": job_id},
+                    )
             except NdifJobsError as exc:
                 jlog.error("storing the result failed", error=str(exc))
                 failed.append((job_id, str(exc)))
@@ -376,10 +567,13 @@ class Worker:
         crashpoints.reached("running")
         blog = log.bind(bundle=bundle_id, model=model, jobs=len(jobs), backend="ndif")
         backend = self._backend("ndif")
-        specs = [JobSpec(j.id, j.experiment, json.loads(j.params)) for j in jobs]
         try:
-            with _Heartbeat(self.service, self.id, job_ids):
-                remote_id, payload = backend.submit(resolve_model(model), specs)
+            with _Heartbeat(self.service, self.id, job_ids) as beat:
+                ref = resolve_model(model)
+                jobs = self._settle_keys(ref, bundle_id, "ndif", jobs, beat, blog)
+                job_ids = [j.id for j in jobs]
+                specs = [JobSpec(j.id, j.experiment, json.loads(j.params)) for j in _one_per_key(jobs)]
+                remote_id, payload = backend.submit(ref, specs)
         except Rejected as exc:
             blog.error("NDIF refused the bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
             self._fail_bundle(bundle_id, job_ids, str(exc))
@@ -398,7 +592,8 @@ class Worker:
         deadline = time.time() + self.settings.bundle_deadline_s
         self.remote.mark_submitted(self.id, bundle_id, remote_id, job_ids, deadline, payload)
         crashpoints.reached("submitted")
-        blog.info("bundle submitted to NDIF", remote_job=remote_id, payload_bytes=payload)
+        blog.info("bundle submitted to NDIF", remote_job=remote_id, payload_bytes=payload, jobs=len(jobs),
+                  computations=len(specs))
         self._await_remote(model, bundle_id, remote_id, jobs, deadline)
 
     def _await_remote(self, model: str, bundle_id: str, remote_id: str, jobs: list[Any], deadline: float | None) -> None:

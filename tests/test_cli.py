@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 SEEDS = {
     "activations": ["-p", "prompt=The capital of France is", "-p", "layers=0:30:1".replace(":1", "")],
@@ -60,16 +60,17 @@ def test_submit_every_builtin_run_worker_read_results(env) -> None:  # type: ign
 
 
 def test_experiment_error_fails_its_job_alone(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # A position past the prompt's end is only found when the prompt is tokenized, in the worker.
+    # Patching every position of prompts of different lengths is found only when it runs.
     good = json.loads(run_cli("submit", "logit-lens", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", env=env, check=True).stdout)
-    bad = json.loads(run_cli("submit", "logit-lens", "--json", "-p", "prompt=Hello", "-p", "layers=[0]", "-p", "position=40",
+    bad = json.loads(run_cli("submit", "patching", "--json", "-p", "clean_prompt=Hello", "-p", "corrupted_prompt=Hello there",
+                             "-p", "answer= a", "-p", "wrong_answer= b", "-p", "layers=[0]", "-p", "position=all",
                              env=env, check=True).stdout)
     proc = run_cli("worker", "--until-empty", env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(run_cli("show", good["id"], "--json", env=env).stdout)["state"] == "completed"
     failed = json.loads(run_cli("show", bad["id"], "--json", env=env).stdout)
     assert failed["state"] == "failed"
-    assert "position 40 is outside a prompt of" in failed["error"]
+    assert "position 'all' needs prompts of equal token length" in failed["error"]
     assert failed["attempts"] == 1  # an experiment's own error is not blind-retried
 
 
@@ -131,12 +132,12 @@ def test_user_experiment_module(env, tmp_path) -> None:  # type: ignore[no-untyp
         "        h = hidden(blocks(model)[p['layer']].output).mean(dim=1).save()\n"
         "    return {'mean': h[0], 'width': int(h.shape[-1])}\n"
     )
-    env = {**env, "NDIF_JOBS_TEST_CWD": str(tmp_path)}
-    job = json.loads(run_cli("--import", "my_probe", "submit", "mean-hidden", "--json", "-p", "prompt=Hello there", env=env, check=True).stdout)
-    run_cli("--import", "my_probe", "worker", "--until-empty", env=env, check=True)
-    values = json.loads(run_cli("--import", "my_probe", "results", job["id"], "--json", env=env, check=True).stdout)["values"]
+    env = {**env, "NDIF_JOBS_TEST_CWD": str(tmp_path), "PYTHONPATH": str(REPO)}
+    job = json.loads(run_cli("--import", "./my_probe.py", "submit", "mean-hidden", "--json", "-p", "prompt=Hello there", env=env, check=True).stdout)
+    run_cli("--import", "./my_probe.py", "worker", "--until-empty", env=env, check=True)
+    values = json.loads(run_cli("--import", "./my_probe.py", "results", job["id"], "--json", env=env, check=True).stdout)["values"]
     assert values["width"] == 576 and len(values["mean"]) == 576
-    env2 = {**env, "NDIF_JOBS_IMPORTS": "my_probe"}
+    env2 = {**env, "NDIF_JOBS_IMPORTS": f"{tmp_path}:my_probe"}
     assert "mean-hidden" in run_cli("experiments", env=env2, check=True).stdout
 
 

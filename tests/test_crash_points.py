@@ -69,7 +69,9 @@ def check_recovered(env: dict[str, str], home: Path, job_ids: list[str]) -> list
 
 
 def lost_attempts(shown: dict) -> list[str]:
-    return [a["outcome"] for a in shown["attempt_history"] if a["outcome"] == "lease expired"]
+    """The dead worker's attempts: taken back at once by the next worker on its host (`worker
+    gone`), or, for work at NDIF, re-attached once its lease was ended (`lease expired`)."""
+    return [a["outcome"] for a in shown["attempt_history"] if a["outcome"] in ("lease expired", "worker gone")]
 
 
 # -- the local backend ---------------------------------------------------------------------------

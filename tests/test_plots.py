@@ -157,3 +157,51 @@ def test_labels_and_tokens(results: dict) -> None:
 def test_import_does_not_load_matplotlib() -> None:
     code = "import sys, ndif_jobs.plots; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _fractions(r) -> list[float]:  # type: ignore[no-untyped-def]
+    clean, corrupted = float(r["clean_logit_diff"]), float(r["corrupted_logit_diff"])
+    return [(float(d) - corrupted) / (clean - corrupted) for d in r["logit_diff"]]
+
+
+def test_several_patching_jobs_overlay_as_the_fraction_of_each_gap_restored(results: dict) -> None:
+    from ndif_jobs.plots import figure
+
+    rs = results["patching"]
+    fig = figure(rs)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "fraction of the clean − corrupted gap restored"
+    jobs = [line for line in ax.get_lines() if len(line.get_xdata()) == len(FEW)]
+    assert len(jobs) == len(rs)
+    for line, r in zip(jobs, rs):
+        assert list(line.get_ydata()) == pytest.approx(_fractions(r))
+    # One clean and one corrupted level for all jobs (1 and 0), not two reference lines per job.
+    levels = sorted(float(line.get_ydata()[0]) for line in ax.get_lines() if len(line.get_xdata()) == 2)
+    assert levels == [0.0, 1.0]
+
+
+def test_many_patching_jobs_overlay_as_their_mean_and_spread(results: dict, tmp_path: Path) -> None:
+    import numpy as np
+
+    from ndif_jobs.plots import MANY_JOBS, figure, plot_results
+
+    rs = (results["patching"] * MANY_JOBS)[: MANY_JOBS + 1]
+    fig = figure(rs)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [f"mean over {len(rs)} jobs", "± one standard deviation", "each job", "clean run (1)", "corrupted run (0)"]
+    (ax,) = fig.axes
+    mean = next(line for line in ax.get_lines() if line.get_linewidth() > 2)
+    assert list(mean.get_ydata()) == pytest.approx(list(np.mean([_fractions(r) for r in rs], axis=0)))
+    assert len(ax.collections) == 1  # the spread band
+    read_png(plot_results(rs, tmp_path / "many.png"))
+
+
+def test_job_labels_cut_prompts_between_words(results: dict) -> None:
+    from ndif_jobs.plots import job_labels
+
+    for label, r in zip(job_labels(results["patching"]), results["patching"]):
+        prompt = r.job["params"]["clean_prompt"]
+        shown = label[1 : label.index('"', 1)]  # the quoted prompt
+        words = [w for w in shown.replace("…", " ").split() if w]
+        assert all(w in prompt.split() for w in words), (label, prompt)
+    assert "…" in job_labels(results["patching"])[0]  # the long prompt was cut

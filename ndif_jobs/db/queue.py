@@ -3,7 +3,10 @@
 One `Queue` wraps one database. Writes are short transactions that hold the write lock from
 their first statement (`Database.cursor(write=True)`: `BEGIN IMMEDIATE` on SQLite); the claim
 is one such transaction, so two workers can never take the same job (on PostgreSQL the claim
-uses `FOR UPDATE SKIP LOCKED` so workers do not even wait for each other).
+uses `FOR UPDATE SKIP LOCKED` so workers do not even wait for each other). The claim takes only
+jobs its worker can run (`Runnable`: its backend, its local stand-ins, the experiments it has
+loaded), chosen in its own WHERE clause: a job no worker of a kind can run is never claimed and
+given back, it stays queued for a worker that can.
 
 The statements are written out below and run straight on the driver's cursor, a few per
 transaction, each over a whole batch (`executemany`, or one `UPDATE ... RETURNING`): building
@@ -30,11 +33,11 @@ import json
 import secrets
 import time
 from collections import namedtuple
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadInput, JobNotFound, StoreError
+from ..errors import BadInput, JobNotFound, StoreError, clip_error
 from .engine import Database
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, call_with_retry, retried
 
@@ -73,6 +76,15 @@ def now() -> float:
     return time.time()
 
 
+def _like_literal(text: str) -> str:
+    """`text` matched literally by LIKE ... ESCAPE '\\' (`%` and `_` are wildcards otherwise)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _clip_errors(failed: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(job_id, clip_error(error)) for job_id, error in failed]
+
+
 def new_id() -> str:
     """A short, typeable job or bundle id (48 random bits; `show` accepts a unique prefix)."""
     return secrets.token_hex(6)
@@ -105,6 +117,8 @@ class NewJob:
     estimated_bytes: int | None = None
     force: bool = False
     id: str = field(default_factory=new_id)
+    #: Keys earlier versions filed this same computation under: a result there is found too.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,31 @@ class Enqueued:
     id: str
     state: str
     joined: bool = False
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """The jobs one worker can run, which its claim selects in SQL (so the jobs it cannot run
+    are never claimed, released and claimed again by the next worker of its kind).
+
+    `backend`: None takes every job to its own backend; `ndif` only NDIF jobs; `local` local
+    jobs and the NDIF jobs whose model is in `standins` (run here through their stand-in).
+    `experiments`: the experiments this worker has loaded (None: any)."""
+
+    backend: str | None = None
+    standins: tuple[str, ...] = ()
+    experiments: tuple[str, ...] | None = None
+
+    def takes_backend(self, backend: str, model: str) -> bool:
+        """Whether a job of `backend` and `model` is this worker's kind, whatever its experiment."""
+        if self.backend in (None, backend):
+            return True
+        return self.backend == "local" and backend == "ndif" and model in self.standins
+
+    @property
+    def takes_submitted(self) -> bool:
+        """Whether jobs at NDIF are this worker's to wait on (a local worker cannot re-attach)."""
+        return self.backend != "local"
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -156,6 +195,13 @@ _job_row = JobRow._make
 _params_json = json.JSONEncoder(sort_keys=True).encode
 _EXISTING = namedtuple("_EXISTING", ("id", "key", "state", "result_key"))
 
+
+def _standing_for(job: NewJob, existing: dict[str, Any]) -> Any:
+    """The job that stands for `job`'s computation, under its key or an older one: a done one first."""
+    found = [existing[k] for k in (job.key, *job.aliases) if k in existing]
+    return next((row for row in found if row.state in DONE_VALUES), found[0] if found else None)
+
+
 # -- the statements --------------------------------------------------------------------------
 
 
@@ -191,7 +237,7 @@ LOSE_ATTEMPTS = (
 CLAIM = (
     f"UPDATE jobs SET state = '{CLAIMED}', lease_owner = ?, lease_expires_at = ?, attempts = attempts + 1,"
     " updated_at = ?, started_at = COALESCE(started_at, ?), error = NULL"
-    f" WHERE id IN (SELECT id FROM jobs WHERE state = '{QUEUED}' AND not_before <= ?{{backend}}"
+    f" WHERE id IN (SELECT id FROM jobs WHERE state = '{QUEUED}' AND not_before <= ?{{runnable}}"
     f" ORDER BY priority DESC, created_at LIMIT ?{{skip_locked}}) RETURNING {_JOBS}"
 )
 # A re-run claim takes over what an earlier run of it claimed unseen: the jobs leased to this
@@ -259,6 +305,31 @@ REQUEUE = (
     f"UPDATE jobs SET state = '{QUEUED}', attempts = 0, not_before = 0.0, error = NULL, finished_at = NULL,"
     " result_key = NULL, result_bytes = NULL, bundle_id = NULL, updated_at = ? WHERE id = ?"
 )
+#: The outcome of the history entry a re-keyed job gets (see `Queue.rekey`).
+REKEYED = "re-keyed"
+# Only while the job is still this worker's, and only once: a re-run finds the key already moved.
+REKEY = (
+    f'UPDATE jobs SET "key" = ?, model_key = ?, updated_at = ? WHERE id = ? AND lease_owner = ? AND {_HELD}'
+    ' AND "key" <> ?'
+)
+NOTE_REKEYED = (
+    "INSERT INTO attempts (job_id, bundle_id, number, worker, started_at, finished_at, outcome, error)"
+    f" SELECT id, bundle_id, attempts, ?, ?, ?, '{REKEYED}', ? FROM jobs WHERE id = ?"
+)
+# Queued jobs of the keys a bundle runs join it: the computation runs once for all of them.
+JOIN_BUNDLE = (
+    f"UPDATE jobs SET state = '{RUNNING}', bundle_id = ?, lease_owner = ?, lease_expires_at = ?,"
+    " attempts = attempts + 1, updated_at = ?, started_at = COALESCE(started_at, ?), error = NULL"
+    f" WHERE state = '{QUEUED}' AND backend = ? AND" ' "key" {keys}'
+)
+JOINED_ATTEMPTS = (
+    "INSERT INTO attempts (job_id, bundle_id, number, worker, started_at)"
+    f" SELECT j.id, j.bundle_id, j.attempts, j.lease_owner, ? FROM jobs j WHERE j.bundle_id = ? AND j.lease_owner = ?"
+    f" AND j.state = '{RUNNING}' AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id"
+    " AND a.worker = j.lease_owner AND a.finished_at IS NULL)"
+)
+BUNDLE_JOBS = f"SELECT {_JOBS} FROM jobs WHERE bundle_id = ? AND lease_owner = ? AND state = '{RUNNING}'"
+COUNT_BUNDLE_JOBS = "UPDATE bundles SET job_count = (SELECT count(*) FROM jobs WHERE bundle_id = ?) WHERE id = ?"
 COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
 JOB_BY_ID = f"SELECT {_JOBS} FROM jobs WHERE id = ?"
 JOB_BY_KEY = (
@@ -272,22 +343,64 @@ DONE_BY_KEY = (
     f'SELECT {_JOBS} FROM jobs WHERE "key" = ? AND state IN ({_DONE_SQL}) AND result_key IS NOT NULL'
     " ORDER BY finished_at DESC LIMIT 1"
 )
-ATTEMPTS_OF = f"SELECT {_q(ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = ? ORDER BY number"
+ATTEMPTS_OF = f"SELECT {_q(ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = ? ORDER BY number, id"
 BUNDLE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE id = ?"
 BUNDLES_IN_STATE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE state = ? ORDER BY created_at"
-PENDING = f"SELECT count(*) FROM jobs WHERE state IN ('{QUEUED}', '{CLAIMED}', '{RUNNING}')"
 STORED_BYTES = (
     "SELECT COALESCE(SUM(size), 0) FROM (SELECT result_key, MAX(result_bytes) AS size FROM jobs"
     " WHERE result_key IS NOT NULL AND result_bytes IS NOT NULL GROUP BY result_key) AS per_key"
 )
 RESULT_KEYS = "SELECT result_key, state FROM jobs WHERE result_key IS NOT NULL"
+DETACH_MISSING = (
+    "UPDATE jobs SET result_key = NULL, error = 'result missing from the store', updated_at = ?"
+    f" WHERE result_key {{keys}} AND state IN ({_DONE_SQL})"
+)
 # Held jobs whose worker stopped renewing the lease (a range probe of `ix_jobs_lease`).
 LEASE_EXPIRED_COUNTS = f"SELECT state, count(*) FROM jobs WHERE {_HELD} AND lease_expires_at < ? GROUP BY state"
 RETRY_WAITING = (
     f"SELECT count(*), MIN(not_before) FROM jobs WHERE state = '{QUEUED}' AND not_before > ? AND error IS NOT NULL"
 )
-# What a worker could still take or wait for: queued, held, or at NDIF (optionally one backend's).
-WAITING = f"SELECT count(*) FROM jobs WHERE state IN ({_ACTIVE_SQL}){{backend}}"
+# What a worker could still take or wait for: queued, held, or at NDIF (those it can run).
+WAITING = f"SELECT count(*) FROM jobs WHERE state IN ({{states}}){{runnable}}"
+#: The start of the note on queued jobs that the workers seen so far cannot run (see `note_unrunnable`).
+NEEDS_WORKER = "waiting for a worker that can run"
+# Queued jobs a worker cannot run, by what it lacks, and how many already say so. (The LIKE
+# patterns are bound, not written in: a literal `%` would read as a placeholder to psycopg.)
+UNRUNNABLE = (
+    "SELECT experiment, backend, model, count(*), SUM(CASE WHEN error LIKE ? THEN 1 ELSE 0 END)"
+    f" FROM jobs WHERE state = '{QUEUED}' AND NOT ({{runnable}}) GROUP BY experiment, backend, model"
+)
+NOTE_UNRUNNABLE = (
+    f"UPDATE jobs SET error = ?, updated_at = ? WHERE state = '{QUEUED}' AND experiment = ? AND backend = ?"
+    " AND (error IS NULL OR (error LIKE ? AND error <> ?))"
+)
+NEEDS_WORKER_COUNTS = (
+    f"SELECT experiment, count(*) FROM jobs WHERE state = '{QUEUED}' AND error LIKE ?"
+    " GROUP BY experiment"
+)
+# Who holds jobs now, and until when (a range probe of `ix_jobs_lease`, as few rows as jobs held).
+HOLDERS = (
+    "SELECT lease_owner, count(*), MAX(lease_expires_at) FROM jobs WHERE state IN ({states}){runnable}"
+    " AND lease_owner IS NOT NULL GROUP BY lease_owner"
+)
+#: The outcome of an attempt whose worker's process was found gone on its host.
+WORKER_GONE = "worker gone"
+# A gone worker's jobs: back to the queue at once, the attempt it spent given back (it was not
+# the job's fault); its jobs at NDIF get their lease ended, so the next worker re-attaches now.
+TAKE_BACK = (
+    f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL,"
+    f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_LOCAL_HELD} RETURNING id"
+)
+TAKE_BACK_ATTEMPTS = (
+    f"UPDATE attempts SET finished_at = ?, outcome = '{WORKER_GONE}', error = ?"
+    " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
+)
+END_LEASES_AT_NDIF = (
+    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE lease_owner = ? AND state = '{SUBMITTED}'"
+)
+ABANDON_BUNDLES = (
+    "UPDATE bundles SET state = 'abandoned', finished_at = ?, error = ? WHERE worker = ? AND state = 'running'"
+)
 
 #: Most values bound in one `IN (...)` on SQLite (its limit is 32766; smaller lists plan faster).
 _CHUNK = 500
@@ -316,6 +429,23 @@ class _Sql:
             self._cache[key] = out
         return out
 
+    def runnable(self, r: Runnable) -> tuple[str, list[Any]]:
+        """The condition that selects the jobs `r` covers ("" for every job), and what it binds."""
+        parts: list[str] = []
+        params: list[Any] = []
+        if r.backend == "local" and r.standins:
+            in_sql, values = self.in_(r.standins)
+            parts.append(f"(backend = 'local' OR (backend = 'ndif' AND model {in_sql}))")
+            params += values
+        elif r.backend is not None:
+            parts.append("backend = ?")
+            params.append(r.backend)
+        if r.experiments is not None:
+            in_sql, values = self.in_(r.experiments)
+            parts.append(f"experiment {in_sql}")
+            params += values
+        return " AND ".join(parts), params
+
     def in_(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
         """`IN (?, ...)` (SQLite) or `= ANY(?)` (PostgreSQL), and what it binds."""
         if self.pg:
@@ -328,19 +458,19 @@ class _Sql:
 
 
 class Queue:
-    def __init__(self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
+    def __init__(
+        self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S,
+        result_exists: Callable[[str], bool] | None = None,
+    ) -> None:
         #: What the queue was opened on: a `Database` from `open_database`, or an Engine.
         self.engine = engine
+        #: Whether a result key is on disk: a done job whose result is gone is not served as a hit.
+        self.result_exists = result_exists
         #: How long each operation retries while the database is unreachable (0: not at all).
         self.db_retry_s = db_retry_s
         self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
         self.is_postgres = self.db.dialect_name == "postgresql"
         self._sql = _Sql(self.db.dialect_name)
-        self._claim_sql = {
-            by_backend: self._sql(CLAIM, backend=" AND backend = ?" if by_backend else "",
-                                  skip_locked=self._sql.skip_locked)
-            for by_backend in (False, True)
-        }
 
     # -- submitting ------------------------------------------------------------------
 
@@ -366,7 +496,7 @@ class Queue:
         dumps = _params_json
         with self.db.cursor(write=True) as cur:
             inserted = self._states_by_id(cur, [j.id for j in new_jobs]) if rerun else {}
-            existing = self._existing_by_key(cur, {j.key for j in new_jobs if not j.force})
+            existing = self._existing_by_key(cur, {k for j in new_jobs if not j.force for k in (j.key, *j.aliases)})
             seen_in_batch: dict[str, Enqueued] = {}
             for i, job in enumerate(new_jobs):
                 if job.id in inserted:
@@ -376,7 +506,7 @@ class Queue:
                         seen_in_batch[job.key] = entry
                     continue
                 created = t + i * 1e-6  # keeps a batch's order in the claim order (oldest first)
-                hit = None if job.force else (seen_in_batch.get(job.key) or existing.get(job.key))
+                hit = None if job.force else (seen_in_batch.get(job.key) or _standing_for(job, existing))
                 if hit is not None and hit.state in ACTIVE_VALUES:
                     out.append(Enqueued(hit.id, hit.state, joined=True))
                     continue
@@ -405,8 +535,13 @@ class Queue:
         return found
 
     def _existing_by_key(self, cur: Any, keys: set[str]) -> dict[str, Any]:
-        """For each key, the job that best stands for it: a done one first, then an active one."""
+        """For each key, the job that best stands for it: a done one first, then an active one.
+
+        A done job whose result is no longer on disk (deleted by hand, or lost) stands for
+        nothing: it is detached, so that the submission runs again rather than point at nothing.
+        """
         found: dict[str, Any] = {}
+        on_disk: dict[str, bool] = {}
         keys_list = list(keys)
         for chunk in self._sql.chunks(keys_list):
             in_sql, params = self._sql.in_(chunk)
@@ -416,33 +551,46 @@ class Queue:
                 # A live job, or a done one with its result (gc may have removed it since).
                 if row.state not in ACTIVE_VALUES and (row.state not in DONE_VALUES or row.result_key is None):
                     continue
+                if row.state in DONE_VALUES and self.result_exists is not None:
+                    if row.result_key not in on_disk:
+                        on_disk[row.result_key] = self.result_exists(row.result_key)
+                    if not on_disk[row.result_key]:
+                        continue
                 best = found.get(row.key)
                 if best is None or (row.state in DONE_VALUES and best.state not in DONE_VALUES):
                     found[row.key] = row
+        gone = [key for key, there in on_disk.items() if not there]
+        for chunk in self._sql.chunks(gone):
+            in_sql, params = self._sql.in_(chunk)
+            cur.execute(self._sql(DETACH_MISSING, keys=in_sql), [now(), *params])
         return found
 
     # -- claiming and finishing (the worker's side) ---------------------------------------
 
-    def claim(self, worker: str, limit: int, lease_s: float, backend: str | None = None) -> list[JobRow]:
-        """Take up to `limit` runnable jobs for `worker`, highest priority and oldest first."""
+    def claim(
+        self, worker: str, limit: int, lease_s: float, backend: str | None = None, runnable: Runnable | None = None
+    ) -> list[JobRow]:
+        """Take up to `limit` runnable jobs for `worker`, highest priority and oldest first:
+        of `backend`, or those `runnable` covers (it overrides `backend`)."""
+        runnable = runnable or Runnable(backend=backend)
         claimed = call_stamped_with_retry(
-            lambda t, earlier: self._claim(worker, limit, lease_s, backend, t, earlier),
+            lambda t, earlier: self._claim(worker, limit, lease_s, runnable, t, earlier),
             window_s=self.db_retry_s, database=self.engine, name="claim",
         )
         claimed.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return claimed
 
     def _claim(
-        self, worker: str, limit: int, lease_s: float, backend: str | None, t: float, earlier: Sequence[float]
+        self, worker: str, limit: int, lease_s: float, runnable: Runnable | None, t: float, earlier: Sequence[float]
     ) -> list[JobRow]:
         """`claim`'s transaction at time `t`; `earlier`: the times of this claim's failed runs.
 
         A failed run may have committed unseen: the jobs it leased to `worker` (at one of those
         times) are returned, on a fresh lease, instead of claiming more. Their attempts are
         already recorded."""
-        sql = self._claim_sql[backend is not None]
-        params: tuple[Any, ...] = (worker, t + lease_s, t, t, t)
-        params += (backend, limit) if backend is not None else (limit,)
+        cond, values = self._sql.runnable(runnable or Runnable())
+        sql = self._sql(CLAIM, runnable=f" AND {cond}" if cond else "", skip_locked=self._sql.skip_locked)
+        params = [worker, t + lease_s, t, t, t, *values, limit]
         with self.db.cursor(write=True) as cur:
             if earlier:
                 in_sql, times = self._sql.in_(earlier)
@@ -534,6 +682,8 @@ class Queue:
         t = now()
         counts = {"completed": 0, "retried": 0, "failed": 0}
         sql = self._sql
+        failed = _clip_errors(failed)
+        bundle_error = clip_error(bundle_error) if bundle_error else bundle_error
         with self.db.cursor(write=True) as cur:
             if completed:
                 cur.executemany(sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
@@ -560,6 +710,7 @@ class Queue:
     def fail_permanently(self, worker: str, failed: Sequence[tuple[str, str]], bundle_id: str | None = None) -> int:
         """Fail jobs with no retry: errors that no second attempt can fix (bad params, bad code)."""
         t = now()
+        failed = _clip_errors(failed)
         n = 0
         with self.db.cursor(write=True) as cur:
             for job_id, error in failed:
@@ -575,6 +726,7 @@ class Queue:
         still leased to `worker` are touched, so running it twice changes nothing."""
         t = now()
         deferred = 0
+        error = clip_error(error)
         with self.db.cursor(write=True) as cur:
             for chunk in self._sql.chunks(list(job_ids)):
                 in_sql, ids = self._sql.in_(chunk)
@@ -641,6 +793,42 @@ class Queue:
                 out[job_id] = QUEUED
         return out
 
+    # -- one computation per key (the worker's side of joining) ----------------------------
+
+    @retried
+    def rekey(self, worker: str, changes: Sequence[tuple[str, str, str, str]]) -> int:
+        """File held jobs under the key of what runs now, each with a note in its history.
+
+        `changes` holds (job id, key, model key, note). A job whose key was computed from an
+        experiment source (or model files) that changed before it ran is moved to the key of the
+        code that runs, so that its result is never served for the code it was submitted with.
+        """
+        t = now()
+        moved = 0
+        with self.db.cursor(write=True) as cur:
+            for job_id, key, model_key, note in changes:
+                cur.execute(self._sql(REKEY), (key, model_key, t, job_id, worker, key))
+                if cur.rowcount > 0:
+                    moved += 1
+                    cur.execute(self._sql(NOTE_REKEYED), (worker, t, t, clip_error(note), job_id))
+        return moved
+
+    @retried
+    def join_bundle(self, worker: str, bundle_id: str, backend: str, keys: Sequence[str], lease_s: float) -> list[JobRow]:
+        """Add the queued `backend` jobs of `keys` to a running bundle, leased to `worker`, as a
+        submit joins a queued job of its key: one run then completes them all (several jobs
+        retried together, a forced resubmit). Returns every job the bundle now holds."""
+        t = now()
+        sql = self._sql
+        with self.db.cursor(write=True) as cur:
+            for chunk in sql.chunks(list(keys)):
+                in_sql, bound = sql.in_(chunk)
+                cur.execute(sql(JOIN_BUNDLE, keys=in_sql), [bundle_id, worker, t + lease_s, t, t, backend, *bound])
+            cur.execute(sql(JOINED_ATTEMPTS), (t, bundle_id, worker))
+            cur.execute(sql(COUNT_BUNDLE_JOBS), (bundle_id, bundle_id))
+            cur.execute(sql(BUNDLE_JOBS), (bundle_id, worker))
+            return [_job_row(r) for r in cur.fetchall()]
+
     # -- reading -----------------------------------------------------------------------
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -668,8 +856,8 @@ class Queue:
             where.append("state = ?")
             params.append(state)
         if tag:
-            where.append("tags LIKE ?")
-            params.append(f"%,{tag},%")
+            where.append("tags LIKE ? ESCAPE '\\'")
+            params.append(f"%,{_like_literal(tag)},%")
         if experiment:
             where.append("experiment = ?")
             params.append(experiment)
@@ -751,15 +939,66 @@ class Queue:
         return int(n), first
 
     @retried
-    def waiting_count(self, backend: str | None = None) -> int:
-        """Unfinished jobs (of `backend`) that a worker may still run or wait on, whoever holds them."""
-        sql = self._sql(WAITING, backend=" AND backend = ?" if backend else "")
-        return int(self._all(sql, (backend,) if backend else ())[0][0])
+    def waiting_count(self, backend: str | None = None, runnable: Runnable | None = None) -> int:
+        """Unfinished jobs (of `backend`, or that `runnable` covers) that a worker may still run
+        or wait on, whoever holds them."""
+        runnable = runnable or Runnable(backend=backend)
+        cond, values = self._sql.runnable(runnable)
+        states = _ACTIVE_SQL if runnable.takes_submitted else f"'{QUEUED}', '{CLAIMED}', '{RUNNING}'"
+        sql = self._sql(WAITING, states=states, runnable=f" AND {cond}" if cond else "")
+        return int(self._all(sql, values)[0][0])
 
     @retried
-    def pending_count(self) -> int:
-        """Unfinished jobs not (yet) at NDIF: queued, claimed or running."""
-        return int(self._all(self._sql(PENDING))[0][0])
+    def unrunnable(self, runnable: Runnable) -> list[tuple[str, str, str, int, int]]:
+        """Queued jobs that `runnable` leaves, as (experiment, backend, model, jobs, noted):
+        `noted` of them already say they wait for a worker that can run them."""
+        cond, values = self._sql.runnable(runnable)
+        if not cond:
+            return []
+        rows = self._all(self._sql(UNRUNNABLE, runnable=cond), [NEEDS_WORKER + "%", *values])
+        return [(e, b, m, int(n), int(noted or 0)) for e, b, m, n, noted in rows]
+
+    @retried
+    def note_unrunnable(self, experiment: str, backend: str, note: str) -> int:
+        """Say on the queued jobs of `experiment` (on `backend`) what they wait for, where they
+        say nothing else (an error they are waiting to retry after is kept). `status` counts them."""
+        note = f"{NEEDS_WORKER} {note}"
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(NOTE_UNRUNNABLE), (note, now(), experiment, backend, NEEDS_WORKER + "%", note))
+            return max(cur.rowcount, 0)
+
+    @retried
+    def needs_worker_counts(self) -> dict[str, int]:
+        """Queued jobs per experiment that a worker has found it cannot run."""
+        return {e: int(n) for e, n in self._all(self._sql(NEEDS_WORKER_COUNTS), (NEEDS_WORKER + "%",))}
+
+    @retried
+    def holders(self, runnable: Runnable | None = None) -> list[tuple[str, int, float]]:
+        """Each worker holding jobs (that `runnable` covers), as (worker, jobs, lease end)."""
+        runnable = runnable or Runnable()
+        cond, values = self._sql.runnable(runnable)
+        states = ", ".join(f"'{s}'" for s in (HELD_STATES if runnable.takes_submitted else LOCAL_HELD_STATES))
+        rows = self._all(self._sql(HOLDERS, states=states, runnable=f" AND {cond}" if cond else ""), values)
+        return [(owner, int(n), float(until)) for owner, n, until in rows]
+
+    @retried
+    def take_back(self, owner: str, reason: str) -> dict[str, int]:
+        """The jobs of a worker whose process is gone, taken back now rather than when its lease
+        ends: unstarted or running ones back to the queue with their attempt given back (the job
+        was not at fault), those at NDIF with their lease ended so the next worker re-attaches,
+        its unfinished local bundles abandoned. Only `owner`'s jobs are touched, so running it
+        twice changes nothing. Returns how many jobs were requeued and released at NDIF."""
+        t = now()
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(TAKE_BACK, max=self._sql.max), (t, owner))
+            requeued = [row[0] for row in cur.fetchall()]
+            for chunk in self._sql.chunks(requeued):
+                in_sql, ids = self._sql.in_(chunk)
+                cur.execute(self._sql(TAKE_BACK_ATTEMPTS, ids=in_sql), [t, reason, *ids, owner])
+            cur.execute(self._sql(END_LEASES_AT_NDIF), (t, t, owner))
+            at_ndif = max(cur.rowcount, 0)
+            cur.execute(self._sql(ABANDON_BUNDLES), (t, reason, owner))
+        return {"requeued": len(requeued), "at_ndif": at_ndif}
 
     @retried
     def stored_bytes(self) -> int:

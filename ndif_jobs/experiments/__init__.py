@@ -1,17 +1,19 @@
 """The experiment registry: names -> (parameter model, function), built-ins and your own.
 
-Register your own with the decorator in a module you name with `--import mymodule` or
-`NDIF_JOBS_IMPORTS=mymodule`::
+Register your own with the decorator in a module you name with `--import mymodule` (a module on
+the import path), `--import ./my_probes.py` or `--import path/to/folder:mymodule`, or with
+`NDIF_JOBS_IMPORTS` in the environment::
 
-    from ndif_jobs import experiment, Params
+    from ndif_jobs import Layer, Params, Prompt, experiment
 
     class MyParams(Params):
-        prompt: str
+        prompt: Prompt
+        layer: Layer = 3      # checked against the model at submit (see `params.py`)
 
     @experiment("my-probe", params=MyParams)
     def my_probe(model, p):
         with model.trace(p["prompt"]):
-            h = model.model.layers[3].output.save()
+            h = model.model.layers[p["layer"]].output.save()
         return {"mean": h.mean(dim=1)}
 
 Built-ins are registered by name and imported only when run, so listing or submitting them
@@ -22,11 +24,14 @@ an experiment re-runs it instead of serving a stale result.
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
@@ -87,17 +92,16 @@ class Experiment:
         try:
             model = self.params.model_validate(raw)
         except ValidationError as exc:
-            raise InvalidParams(f"{self.name}: {_one_line(exc)}") from None
+            raise InvalidParams(f"{self.name}: {_one_line(exc, self.params)}") from None
         return model.model_dump(mode="json")
 
     def describe_params(self) -> list[dict[str, Any]]:
         out = []
         for name, info in self.params.model_fields.items():
-            annotation = info.annotation.__name__ if isinstance(info.annotation, type) else str(info.annotation)
             out.append(
                 {
                     "name": name,
-                    "type": annotation.replace("typing.", ""),
+                    "type": P.type_text(info.annotation, info.metadata),
                     "required": info.is_required(),
                     "default": None if info.is_required() else info.get_default(call_default_factory=True),
                     "description": info.description or "",
@@ -106,17 +110,38 @@ class Experiment:
         return out
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, params: type[BaseModel]) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(x) for x in error["loc"]) or "params"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown parameter"
+            message = "unknown parameter" + _did_you_mean(str(error["loc"][-1]), _names_at(params, error["loc"][:-1]))
         elif error["type"] == "missing":
             message = "missing required parameter"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
+
+
+def _names_at(params: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """The parameter names of the (nested) model at `path`, e.g. `("steering",)`."""
+    model: Any = params
+    for part in path:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return []
+        members = typing.get_args(info.annotation) or (info.annotation,)
+        model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(known)})" if known else ""
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -136,7 +161,7 @@ def experiment(
     """Register `fn(model, params: dict) -> dict` (or a staged generator) under `name`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        register(
+        exp = register(
             Experiment(
                 name=name,
                 params=params,
@@ -146,6 +171,9 @@ def experiment(
                 _fn=fn,
             )
         )
+        # Hashed now, from the file this function was just compiled from: a worker that runs for
+        # hours must key its results by the code it runs, not by the file as edited since.
+        _ = exp.source_hash
         return fn
 
     return wrap
@@ -155,8 +183,13 @@ def get(name: str) -> Experiment:
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownExperiment(f"unknown experiment {name!r} (known: {known})") from None
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownExperiment(
+            f"unknown experiment {name!r} ({hint}known: {', '.join(known)}); your own experiments are "
+            "loaded with --import MODULE or NDIF_JOBS_IMPORTS=MODULE"
+        ) from None
 
 
 def all_experiments() -> list[Experiment]:
@@ -164,20 +197,71 @@ def all_experiments() -> list[Experiment]:
 
 
 def import_user_modules(modules: list[str]) -> None:
-    """Import the modules that define users' experiments (`--import`, `NDIF_JOBS_IMPORTS`)."""
-    import sys
-    from pathlib import Path
-
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    for name in modules:
+    """Import the modules that define users' experiments (`--import`, `NDIF_JOBS_IMPORTS`), each
+    from where it was named: `package.module` on the normal import path, `path/to/file.py`, or
+    `path/to/folder:module`. The folder a command runs in is not searched by itself, so a file
+    that happens to sit there (in a cloned repository, say) is never imported unless named."""
+    for spec in modules:
+        folder, name = _locate(spec)
         try:
-            importlib.import_module(name)
+            if folder is None:
+                importlib.import_module(name)
+            else:
+                _import_from(folder, name, spec)
+        except BadInput:
+            raise
         except ImportError as exc:
-            raise BadInput(f"cannot import experiment module {name!r}: {exc}") from None
+            here = folder is None and Path(f"{name}.py").is_file()
+            hint = f" (to import {name}.py from this folder: --import ./{name}.py)" if here else ""
+            raise BadInput(f"cannot import experiment module {spec!r}: {exc}{hint}") from None
         except Exception as exc:  # noqa: BLE001 - their code, our one-line message
-            raise BadInput(f"experiment module {name!r} failed to import: {type(exc).__name__}: {exc}") from None
+            raise BadInput(f"experiment module {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+def _locate(spec: str) -> tuple[Path | None, str]:
+    """(folder, module name) for a path form, (None, name) for a module on the import path."""
+    if spec.endswith(".py"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise BadInput(f"experiment module file {spec} does not exist")
+        return path.absolute().parent, path.stem
+    folder, sep, name = spec.rpartition(":")
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise BadInput(f"experiment module {spec!r}: expected a module name, path/to/file.py or path/to/folder:module")
+    if not sep:
+        return None, name
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise BadInput(f"experiment module {spec!r}: folder {folder} does not exist")
+    return path.absolute(), name
+
+
+def _import_from(folder: Path, name: str, spec: str) -> None:
+    """Import `name` from `folder` exactly. The folder joins the end of the import path so the
+    module's own sibling imports resolve, without letting its files stand in for installed ones."""
+    import importlib.machinery
+    import sys
+
+    top = name.partition(".")[0]
+    found = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
+    if found is None or found.loader is None:
+        raise BadInput(f"cannot import experiment module {spec!r}: no module {top!r} in {folder}")
+    loaded = sys.modules.get(top)
+    if loaded is not None:
+        if getattr(loaded, "__spec__", None) is None or loaded.__spec__.origin != found.origin:
+            where = getattr(loaded, "__file__", None) or "built in"
+            raise BadInput(f"experiment module {spec!r}: the name {top!r} is already taken by {where}; rename the file")
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    if loaded is None:
+        module = importlib.util.module_from_spec(found)
+        sys.modules[top] = module
+        try:
+            found.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(top, None)
+            raise
+    importlib.import_module(name)
 
 
 _BUILTIN = "ndif_jobs.experiments.builtin"

@@ -4,7 +4,7 @@ Each function receives the model and its validated parameters as a plain dict (t
 models in `params.py` check them at submit time) and returns the job's result: tensors, numbers,
 strings and lists of them. The staged ones (generators, see `runtime.py`) let the worker pack
 their forward passes with other jobs'. This module travels to NDIF inside a session, so it
-imports nothing beyond torch, nnsight and its two sibling modules.
+imports nothing beyond torch, nnsight and its sibling modules.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from .access import blocks, final_norm, hidden, layer_indices, logits, unembedding
-from .runtime import Pass, Window, encode_prompts, tokenize
+from .runtime import encode_prompts, tokenize
+from .stages import Pass, Window
 
 
 def _decode(model: Any, ids: torch.Tensor) -> list[str]:
@@ -56,6 +57,11 @@ def patching(model: Any, p: dict) -> Any:
     layers = sorted(set(layer_indices(model, p.get("layers"))))
     position = p.get("position", -1)
     answer, wrong = _first_token(model, p["answer"]), _first_token(model, p["wrong_answer"])
+    if answer == wrong:
+        raise ValueError(
+            f"answer {p['answer']!r} and wrong_answer {p['wrong_answer']!r} begin with the same token "
+            f"{model.tokenizer.decode([answer])!r}: their logit difference is always 0"
+        )
     if position == "all":
         n_clean = tokenize(model, p["clean_prompt"]).shape[-1]
         n_corrupt = tokenize(model, p["corrupted_prompt"]).shape[-1]
@@ -96,6 +102,8 @@ def patching(model: Any, p: dict) -> Any:
         "logit_diff": torch.stack([diff(run["logits"]) for run in runs]),
         "answer_id": answer,
         "wrong_answer_id": wrong,
+        "answer_token": model.tokenizer.decode([answer]),
+        "wrong_answer_token": model.tokenizer.decode([wrong]),
     }
 
 
