@@ -293,11 +293,28 @@ def test_take_back_requeues_a_gone_workers_jobs_without_spending_an_attempt(queu
     (other,) = queue.claim("alive", limit=1, lease_s=300)
     bundle = queue.start_bundle("gone", "local", "k:m", [mine[0].id])
 
-    assert queue.take_back("gone", "its worker is gone") == {"requeued": 2, "at_ndif": 0}
+    assert queue.take_back("gone", "its worker is gone") == {"requeued": 2, "failed": 0, "at_ndif": 0}
     for job in queue.get_many([j.id for j in mine]):
         assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
         assert [(a.outcome, a.error) for a in queue.attempts_of(job.id)] == [("worker gone", "its worker is gone")]
     assert queue.bundle(bundle).state == "abandoned"
     assert queue.get(other.id).state == "claimed" and queue.get(other.id).lease_owner == "alive"
-    assert queue.take_back("gone", "its worker is gone") == {"requeued": 0, "at_ndif": 0}
+    assert queue.take_back("gone", "its worker is gone") == {"requeued": 0, "failed": 0, "at_ndif": 0}
     assert [h[:2] for h in queue.holders()] == [("alive", 1)]
+
+
+def test_a_job_whose_workers_die_every_time_fails_after_its_attempts_instead_of_looping(queue) -> None:  # type: ignore[no-untyped-def]
+    """Taking back a gone worker's jobs spends no attempt, so a job that itself kills its worker
+    (killed for memory, say) would stop every worker forever: after `max_attempts` deaths it fails."""
+    queue.enqueue([_job(1), _job(2)])
+    (killer,) = queue.claim("w0", limit=1, lease_s=300)
+    for n in range(1, 3):
+        assert queue.take_back(f"w{n - 1}", "its worker is gone") == {"requeued": 1, "failed": 0, "at_ndif": 0}
+        (again,) = queue.claim(f"w{n}", limit=1, lease_s=300)
+        assert again.id == killer.id and again.attempts == 1
+    assert queue.take_back("w2", "its worker is gone") == {"requeued": 0, "failed": 1, "at_ndif": 0}
+    job = queue.get(killer.id)
+    assert job.state == "failed" and job.lease_owner is None and "died every time it ran this job" in job.error
+    assert [a.outcome for a in queue.attempts_of(killer.id)] == ["worker gone"] * 3
+    (other,) = queue.claim("w3", limit=1, lease_s=300)  # the rest of the queue runs on
+    assert other.id != killer.id and other.attempts == 1

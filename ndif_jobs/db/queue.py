@@ -398,6 +398,18 @@ TAKE_BACK_ATTEMPTS = (
 END_LEASES_AT_NDIF = (
     f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE lease_owner = ? AND state = '{SUBMITTED}'"
 )
+#: A job taken back from gone workers as often as it may be attempted is what stops them (killed
+#: for memory, say): it fails rather than stopping every worker that takes it.
+FAIL_WORKER_KILLERS = (
+    f"UPDATE jobs SET state = '{FAILED}', finished_at = ?, updated_at = ?, error = ?"
+    f" WHERE id {{ids}} AND state = '{QUEUED}' AND max_attempts <= (SELECT COUNT(*) FROM attempts"
+    f" WHERE attempts.job_id = jobs.id AND attempts.outcome = '{WORKER_GONE}') RETURNING id"
+)
+KILLED_WORKERS_ERROR = (
+    "its worker's process died every time it ran this job, as many times as it may be attempted (killed"
+    " for memory, or the experiment ends the process?): failed so that it stops no more workers; check"
+    " the experiment, then `ndif-jobs retry` it"
+)
 ABANDON_BUNDLES = (
     "UPDATE bundles SET state = 'abandoned', finished_at = ?, error = ? WHERE worker = ? AND state = 'running'"
 )
@@ -986,19 +998,24 @@ class Queue:
         """The jobs of a worker whose process is gone, taken back now rather than when its lease
         ends: unstarted or running ones back to the queue with their attempt given back (the job
         was not at fault), those at NDIF with their lease ended so the next worker re-attaches,
-        its unfinished local bundles abandoned. Only `owner`'s jobs are touched, so running it
-        twice changes nothing. Returns how many jobs were requeued and released at NDIF."""
+        its unfinished local bundles abandoned. A job whose workers died as many times as it may
+        be attempted fails instead (`FAIL_WORKER_KILLERS`). Only `owner`'s jobs are touched, so
+        running it twice changes nothing. Returns how many jobs were requeued, failed, and
+        released at NDIF."""
         t = now()
         with self.db.cursor(write=True) as cur:
             cur.execute(self._sql(TAKE_BACK, max=self._sql.max), (t, owner))
             requeued = [row[0] for row in cur.fetchall()]
+            failed: list[str] = []
             for chunk in self._sql.chunks(requeued):
                 in_sql, ids = self._sql.in_(chunk)
                 cur.execute(self._sql(TAKE_BACK_ATTEMPTS, ids=in_sql), [t, reason, *ids, owner])
+                cur.execute(self._sql(FAIL_WORKER_KILLERS, ids=in_sql), [t, t, KILLED_WORKERS_ERROR, *ids])
+                failed += [row[0] for row in cur.fetchall()]
             cur.execute(self._sql(END_LEASES_AT_NDIF), (t, t, owner))
             at_ndif = max(cur.rowcount, 0)
             cur.execute(self._sql(ABANDON_BUNDLES), (t, reason, owner))
-        return {"requeued": len(requeued), "at_ndif": at_ndif}
+        return {"requeued": len(requeued) - len(failed), "failed": len(failed), "at_ndif": at_ndif}
 
     @retried
     def stored_bytes(self) -> int:
