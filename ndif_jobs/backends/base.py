@@ -1,17 +1,29 @@
-"""The seam between the worker and whatever runs experiments.
+"""The seam between the worker and whatever runs experiments: one interface, in two phases.
 
-A backend receives one bundle (jobs for one model) and returns one outcome per job: the
-result dict, or the job's own error. An exception raised by `run_bundle` itself means the
-whole bundle could not run (model failed to load, connection lost) and is retried by the
-worker; a per-job error is the experiment's and fails that job alone.
+* `load(model)`: make the model ready, outside the bundle's time limit (NDIF: nothing to do).
+* `send(model, jobs) -> Handle`: start one bundle (jobs for one model). The local backend runs
+  it and returns a finished handle; NDIF returns once the request is accepted, with its job id,
+  which the worker commits before it waits (a worker that dies then never sends it twice).
+* `wait(handle, stop, on_status)`: one outcome per job (its result, or its experiment's own
+  error, which fails that job alone), or None past the handle's deadline. Setting `stop` ends
+  the wait at once (`Transient`): the bundle stays where it is for the next worker.
+
+An exception from `send` or `wait` concerns the whole bundle: `errors.Rejected`,
+`RemoteJobError`, `Transient`, `Unavailable`, `BundleTimeout`, or any other (retried later).
+What the worker loop must know of a backend before making one, it reads from its class:
+`reattaches` and `standin_for`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import ModelRef
+if TYPE_CHECKING:
+    from ..models import ModelRef
+    from ..settings import Settings
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,47 @@ class JobOutcome:
         return self.error is None
 
 
-class Backend(Protocol):
-    name: str
+@dataclass
+class Status:
+    """A remote bundle's status as its backend reports it (QUEUED, RUNNING, COMPLETED, ...)."""
 
-    def run_bundle(self, model: ModelRef, jobs: list[JobSpec]) -> dict[str, JobOutcome]: ...
+    status: str
+    description: str = ""
+    data: Any = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class Handle:
+    """A sent bundle: finished (`outcomes` set) or waiting at a remote backend under `remote_id`."""
+
+    job_ids: list[str]
+    remote_id: str | None = None
+    deadline: float | None = None
+    payload_bytes: int | None = None
+    outcomes: dict[str, JobOutcome] | None = field(default=None, repr=False)
+
+
+OnStatus = Callable[[Status], None]
+
+
+class Backend(Protocol):
+    #: Class attributes, read by the worker before it makes a backend.
+    name: str
+    #: How the backend is named in what a user reads ("waiting for NDIF: ...").
+    title: str
+    #: Whether a sent bundle outlives its worker: its id is committed, and a later worker
+    #: re-attaches to it instead of sending it again.
+    reattaches: bool
+    #: The backend whose jobs this one runs through their local stand-ins (NDIF_JOBS_LOCAL_STANDINS).
+    standin_for: str | None
+
+    def __init__(self, settings: Settings) -> None: ...
+
+    def load(self, model: ModelRef) -> None: ...
+
+    def send(self, model: ModelRef, jobs: list[JobSpec]) -> Handle: ...
+
+    def wait(
+        self, handle: Handle, stop: threading.Event, on_status: OnStatus | None = None
+    ) -> dict[str, JobOutcome] | None: ...

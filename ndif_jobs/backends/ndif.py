@@ -13,7 +13,7 @@ redirects never followed. Even so a result is unpickled only as data (torch's we
 unpickler: tensors, numbers, strings, lists, tuples, dicts; nothing that runs code), and its
 download and decompression stop at NDIF_JOBS_MAX_RESULT_BYTES plus a margin.
 
-Errors, by what a retry can do about them:
+Errors, by what a retry can do about them (the classes are `errors.py`'s, the same for every backend):
 * `Transient`: connection refused or dropped, timeouts, HTTP 5xx, 429, a truncated or corrupt
   download. Retried with exponential backoff and jitter (tenacity).
 * `Rejected`: the API key (401/400/403), the version gate (400), a malformed request (422),
@@ -31,9 +31,9 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib.metadata import version as package_version
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from tenacity import (
@@ -46,43 +46,15 @@ from tenacity import (
 )
 
 from .. import experiments
-from ..errors import BadInput, NdifJobsError
+from ..errors import BadInput, NdifJobsError, Rejected, RemoteJobError, Transient, Unavailable
 from ..logging import get_logger, register_secret, scrub
 from ..models import ModelRef
 from ..settings import Settings
-from .base import JobOutcome, JobSpec
+from .base import Handle, JobOutcome, JobSpec, OnStatus, Status
 
 log = get_logger("ndif_jobs.ndif")
 
 FINAL = ("COMPLETED", "ERROR")
-
-
-class Transient(NdifJobsError):
-    """Worth another try: the network, the server's load, a broken download."""
-
-
-class Unavailable(Transient):
-    """NDIF cannot be reached or cannot take requests now (connection failures, 429, 502-504).
-
-    Not the bundle's fault: a worker keeps waiting for a request already at NDIF, and puts a
-    bundle it could not send back in the queue without spending an attempt (NDIF down for an
-    hour must not fail a night's jobs)."""
-
-
-class Rejected(NdifJobsError):
-    """No retry can fix it: the message says what the user must do."""
-
-
-class RemoteJobError(NdifJobsError):
-    """NDIF ran the request and answered ERROR (the description is NDIF's)."""
-
-
-@dataclass
-class Status:
-    status: str
-    description: str = ""
-    data: Any = None
-    meta: dict | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -241,7 +213,9 @@ class NdifClient:
                 body = response.json()
                 return str(body["id"])
             except (ValueError, KeyError, TypeError):
-                raise Transient(f"NDIF answered the submission with something unreadable: {response.text[:200]!r}") from None
+                raise Transient(
+                    f"NDIF answered the submission with something unreadable: {response.text[:200]!r}"
+                ) from None
 
         return self._retrying()(once)
 
@@ -478,27 +452,34 @@ def split_results(saves: dict[str, Any], job_ids: list[str]) -> dict[str, JobOut
 
 
 class NdifBackend:
-    """Submits bundles to NDIF and waits for them (the worker records what happens between)."""
+    """Sends bundles to NDIF and waits for them by id (the worker commits the id in between)."""
 
     name = "ndif"
+    title = "NDIF"
+    reattaches = True
+    standin_for: str | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = NdifClient(settings)
         self.compress = True
 
-    def submit(self, model: ModelRef, jobs: list[JobSpec]) -> tuple[str, int]:
-        """Send one bundle; returns (NDIF job id, payload bytes)."""
+    def load(self, model: ModelRef) -> None:
+        """Nothing to load here: NDIF holds the weights."""
+
+    def send(self, model: ModelRef, jobs: list[JobSpec]) -> Handle:
+        """POST one bundle; the handle holds NDIF's job id and the payload's size."""
         if model.kind != "hub":
             raise Rejected(f"model {model.spec!r} is local: only Hugging Face repo ids run on NDIF")
         nn_model = meta_model(model)
         work = [(job.job_id, experiments.get(job.experiment).function(), job.params) for job in jobs]
         blob = serialize_bundle(nn_model, work, model.model_key, self.settings.max_invokes, self.compress)
-        return self.client.submit(model.model_key, blob, self.compress), len(blob)
+        remote_id = self.client.submit(model.model_key, blob, self.compress)
+        return Handle(job_ids=[job.job_id for job in jobs], remote_id=remote_id,
+                      deadline=time.time() + self.settings.bundle_deadline_s, payload_bytes=len(blob))
 
     def wait(
-        self, remote_id: str, job_ids: list[str], deadline: float | None,
-        on_status: Callable[[Status], None], stop: threading.Event | None = None,
+        self, handle: Handle, stop: threading.Event, on_status: OnStatus | None = None
     ) -> dict[str, JobOutcome] | None:
         """Poll until COMPLETED (the outcomes), ERROR (raises), the deadline (None), or a stop.
 
@@ -507,9 +488,11 @@ class NdifBackend:
         ends the wait at once, even mid-retry: the request stays at NDIF and the next worker
         re-attaches to it.
         """
-        stop = stop or threading.Event()
+        if handle.remote_id is None:
+            raise ValueError("an NDIF handle holds NDIF's job id")
+        remote_id, job_ids, deadline = handle.remote_id, handle.job_ids, handle.deadline
         delay = self.settings.poll_min_s
-        last: str | None = None
+        last: tuple[str, str] | None = None
         evicted_at: float | None = None
         unreachable_since: float | None = None
         while True:
@@ -533,8 +516,9 @@ class NdifBackend:
                          down_s=round(time.time() - unreachable_since, 1))
                 unreachable_since = None
             if status is not None and (status.status, status.description) != last:
-                last = (status.status, status.description)  # type: ignore[assignment]
-                on_status(status)
+                last = (status.status, status.description)
+                if on_status is not None:
+                    on_status(status)
             if status is not None and status.status == "ERROR":
                 message = scrub(status.description.strip()) or "NDIF reported an error"
                 if "could not deploy" in message.lower():
@@ -570,12 +554,3 @@ class NdifBackend:
                     raise
                 log.warning("the downloaded result was corrupt: downloading it again", attempt=attempt)
         raise Transient("unreachable")
-
-    def run_bundle(self, model: ModelRef, jobs: list[JobSpec]) -> dict[str, JobOutcome]:
-        """Submit and wait in one call (for scripts; the worker records the id in between)."""
-        remote_id, _ = self.submit(model, jobs)
-        deadline = time.time() + self.settings.bundle_deadline_s
-        out = self.wait(remote_id, [j.job_id for j in jobs], deadline, on_status=lambda s: None)
-        if out is None:
-            raise Transient(f"NDIF job {remote_id} passed its deadline")
-        return out
