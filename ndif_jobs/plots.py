@@ -1,11 +1,15 @@
 """Figures of stored results: the plot a researcher would otherwise draw by hand.
 
 `plot_results(results, out)` draws one figure for the results of ONE experiment and writes it
-to `out` (PNG, or PDF/SVG by suffix). Several results of one experiment overlay (line plots,
-one line per job, labelled by the parameters that differ between them) or tile (heatmaps and
-bar charts, one panel per job). Patching jobs overlay as the fraction of each job's gap
-restored, and from `MANY_JOBS` on as their mean and spread. Results of different experiments
-raise `PlotError`.
+to `out` (PNG, or PDF/SVG by suffix). The body of the figure comes from the experiment's
+registered `plot` hook, `plot(results, labels) -> Plan`; this module adds the heading (the
+experiment, the model and the parameters every job shares), the fonts and the file. Results of
+different experiments, or of an experiment without a `plot`, raise `PlotError`.
+
+The functions named like the built-in experiments are their hooks. Several results of one
+experiment overlay (line plots, one line per job, labelled by the parameters that differ
+between them) or tile (heatmaps and bar charts, one panel per job). Patching jobs overlay as
+the fraction of each job's gap restored, and from `MANY_JOBS` on as their mean and spread.
 
 matplotlib is imported only inside `plot_results` (it is the optional `plot` extra), and the
 figure is drawn on its own Agg canvas without pyplot, so no global backend is touched.
@@ -18,25 +22,18 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import BadInput
+from .errors import PlotError, UnknownExperiment
 
 if TYPE_CHECKING:
     from .service import Result
-
-#: The experiments `plot_results` knows how to draw.
-PLOTTABLE = ("activations", "patching", "cross-prompt", "steering", "logit-lens", "generate")
 
 _DPI = 150
 _FONT = 9  # base font size, points
 _TITLE_FONT = 10.5
 _MAX_TOKEN_CHARS = 14
 _MAX_RANKS = 20  # most top-k entries drawn per list; a larger k is cut (and the cut is said)
-
-
-class PlotError(BadInput, ValueError):
-    """The results cannot be drawn as asked (mixed experiments, unknown experiment, no results)."""
 
 
 # -- text helpers ------------------------------------------------------------------------------
@@ -115,8 +112,6 @@ def _value_text(value: Any, limit: int) -> str:
 # Shown by the axes already, or noise at their default.
 _HIDDEN_ALWAYS = {"layers", "top_k", "max_new_tokens"}
 _HIDDEN_DEFAULT = {"position": -1}
-# Shown in full by the figure itself.
-_HEADING_SKIP = {"generate": ("prompt",)}
 
 
 def _flat_params(result: Result) -> dict[str, Any]:
@@ -186,16 +181,17 @@ def job_labels(results: Sequence[Result], limit: int = 64, exclude: Sequence[str
         labels.append(", ".join(parts) if parts else f"job {r.job.get('id')}")
     # Two jobs with the same visible label (they differ only in what is not shown) get their id.
     if len(set(labels)) < len(labels):
-        labels = [f"{lab} (job {r.job.get('id')})" if keys else lab for lab, r in zip(labels, results)]
+        labels = [f"{lab} (job {r.job.get('id')})" if keys else lab for lab, r in zip(labels, results, strict=False)]
     return labels
 
 
-def _heading(results: Sequence[Result], title: str | None, width_in: float) -> str:
-    """The figure's title: experiment, model and the parameters every job shares, wrapped."""
+def _heading(results: Sequence[Result], title: str | None, width_in: float, skip: Sequence[str] = ()) -> str:
+    """The figure's title: experiment, model and the parameters every job shares (but those in
+    `skip`, which the figure shows itself), wrapped."""
     exp = results[0].job["experiment"]
     _, common = _differing(results)
     model = common.pop("model", None)
-    for key in _HEADING_SKIP.get(exp, ()):
+    for key in skip:
         common.pop(key, None)
     first = " · ".join(x for x in (title or exp, model and _escape_math(str(model)), _job_ids(results)) if x)
     parts = [f"{k}={_value_text(v, 70)}" for k, v in common.items() if _shown(k, v)]
@@ -236,7 +232,8 @@ def _field(result: Result, name: str) -> Any:
         return result[name]
     except KeyError:
         exp = result.job.get("experiment")
-        raise PlotError(f"result of job {result.job.get('id')} ({exp}) has no {name!r}: not a built-in {exp} result") from None
+        job = result.job.get("id")
+        raise PlotError(f"result of job {job} ({exp}) has no {name!r}: not a built-in {exp} result") from None
 
 
 def _grid(n: int, panel_w: float, max_w: float = 18.0, max_cols: int = 4) -> tuple[int, int]:
@@ -257,14 +254,21 @@ def _bottom_legend(fig: Any, **kw: Any) -> Any:
     return fig.legend(loc="outside lower center", fontsize=_FONT, frameon=False, **kw)
 
 
-# A plan: the body's size in inches and the function that draws it on a figure.
-Plan = tuple[float, float, Callable[[Any], None]]
+class Plan(NamedTuple):
+    """What a `plot` hook returns: the body's size in inches and the function that draws it on a
+    matplotlib `Figure`. A plain `(width, height, draw)` tuple will do."""
+
+    width: float
+    height: float
+    draw: Callable[[Any], None]
+    #: Parameters the figure shows in full itself, left out of the heading.
+    shown_in_figure: tuple[str, ...] = ()
 
 
 # -- logit lens --------------------------------------------------------------------------------
 
 
-def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
+def logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
     data = []
     for r in results:
         probs = _array(_field(r, "top_probs"))
@@ -336,7 +340,7 @@ def _logit_lens(results: Sequence[Result], labels: list[str]) -> Plan:
             bar.set_label("probability", fontsize=_FONT)
             bar.ax.tick_params(labelsize=_FONT - 1)
 
-    return width, height, draw
+    return Plan(width, height, draw)
 
 
 # Fonts for the scripts DejaVu lacks (CJK and more), used as fallbacks where installed.
@@ -367,7 +371,7 @@ def _cmap(name: str) -> Any:
 MANY_JOBS = 5
 
 
-def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
+def patching(results: Sequence[Result], labels: list[str]) -> Plan:
     """One job: its logit differences with the clean and corrupted levels. Several: the fraction
     of each job's gap restored, which is comparable across prompts and answers where raw logit
     differences are not; many: their mean and spread."""
@@ -380,9 +384,9 @@ def _patching(results: Sequence[Result], labels: list[str]) -> Plan:
     width = min(13.0, max(6.8, 0.22 * n_layers + 5.2))
     if len(rows) == 1:
         answers = (results[0].job["params"].get("answer"), results[0].job["params"].get("wrong_answer"))
-        return width, 4.4 + 0.19 * 4, _patching_one(rows[0], answers)
+        return Plan(width, 4.4 + 0.19 * 4, _patching_one(rows[0], answers))
     entries = 4 if len(rows) >= MANY_JOBS else len(rows) + 2
-    return width, 4.4 + 0.19 * (entries + 2), _patching_many(rows, labels)
+    return Plan(width, 4.4 + 0.19 * (entries + 2), _patching_many(rows, labels))
 
 
 def _layer_axis(ax: Any, rows: Sequence[tuple[list[int], Any, float, float]]) -> None:
@@ -403,7 +407,8 @@ def _patching_one(row: tuple[list[int], Any, float, float], answers: tuple[Any, 
         (line,) = ax.plot(layers, diff, marker="o", markersize=4.5, linewidth=1.8, color="tab:blue",
                           label="patched run (clean layer output → corrupted run)")
         h1 = ax.axhline(clean, color="tab:green", linestyle="--", linewidth=1.2, label=f"clean run ({clean:+.2f})")
-        h2 = ax.axhline(corrupted, color="tab:red", linestyle=":", linewidth=1.4, label=f"corrupted run ({corrupted:+.2f})")
+        h2 = ax.axhline(corrupted, color="tab:red", linestyle=":", linewidth=1.4,
+                        label=f"corrupted run ({corrupted:+.2f})")
         ax.axhline(0.0, color="0.75", linewidth=0.8, zorder=0)
         _layer_axis(ax, [row])
         answer, wrong = answers
@@ -433,7 +438,7 @@ def restored_fractions(rows: Sequence[tuple[list[int], Any, float, float]]) -> t
     kept = [row for row in rows if abs(row[2] - row[3]) > 1e-6]
     out = np.full((len(kept), len(layers)), np.nan)
     for j, (job_layers, diff, clean, corrupted) in enumerate(kept):
-        for layer, value in zip(job_layers, diff):
+        for layer, value in zip(job_layers, diff, strict=False):
             out[j, column[layer]] = (value - corrupted) / (clean - corrupted)
     return layers, out, len(rows) - len(kept)
 
@@ -462,8 +467,8 @@ def _patching_many(rows: Sequence[tuple[list[int], Any, float, float]], labels: 
                         Patch(color="tab:blue", alpha=0.2, label="± one standard deviation"),
                         Line2D([], [], color="0.55", linewidth=0.7, label="each job")]
         else:
-            kept = [label for label, row in zip(labels, rows) if abs(row[2] - row[3]) > 1e-6]
-            for values, label, color in zip(fractions, kept, _colors(len(rows))):
+            kept = [label for label, row in zip(labels, rows, strict=False) if abs(row[2] - row[3]) > 1e-6]
+            for values, label, color in zip(fractions, kept, _colors(len(rows)), strict=False):
                 (line,) = ax.plot(layers, values, marker="o", markersize=4.5, linewidth=1.8, color=color, label=label)
                 handles.append(line)
         ax.axhline(1.0, color="tab:green", linestyle="--", linewidth=1.2)
@@ -472,7 +477,8 @@ def _patching_many(rows: Sequence[tuple[list[int], Any, float, float]], labels: 
                     Line2D([], [], color="tab:red", linestyle=":", linewidth=1.4, label="corrupted run (0)")]
         if dropped:
             handles.append(Line2D([], [], linestyle="none",
-                                  label=f"{dropped} job{'s' if dropped > 1 else ''} left out: no gap between clean and corrupted"))
+                                  label=f"{dropped} job{'s' if dropped > 1 else ''} left out: "
+                                        "no gap between clean and corrupted"))
         _layer_axis(ax, rows)
         ax.set_ylabel("fraction of the clean − corrupted gap restored", fontsize=_FONT + 0.5)
         _bottom_legend(fig, handles=handles, ncols=2 if many or len(handles) > 6 else 1)
@@ -483,7 +489,7 @@ def _patching_many(rows: Sequence[tuple[list[int], Any, float, float]], labels: 
 # -- activations -------------------------------------------------------------------------------
 
 
-def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
+def activations(results: Sequence[Result], labels: list[str]) -> Plan:
     rows = []
     for r in results:
         layers = [int(x) for x in _array(_field(r, "layers")).reshape(-1)]
@@ -506,7 +512,7 @@ def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
         colors = _colors(n)
         left, right = fig.subfigures(1, 2, width_ratios=[width - 3.6, 3.6], wspace=0.02)
         ax = left.subplots()
-        for (layers, norms, _, _), label, color in zip(rows, labels, colors):
+        for (layers, norms, _, _), label, color in zip(rows, labels, colors, strict=False):
             ax.plot(layers, norms, marker="o", markersize=4.5, linewidth=1.8, color=color, label=label)
         every = np.concatenate([row[1] for row in rows])
         positive = every[every > 0]
@@ -527,18 +533,18 @@ def _activations(results: Sequence[Result], labels: list[str]) -> Plan:
         if n > 1:
             right.suptitle(bars_title, fontsize=_FONT + 0.5)
         xmax = max(float(row[2].max()) for row in rows if row[2].size)
-        for ax_b, (_, _, probs, tokens), label, color in zip(axes, rows, short, colors):
+        for ax_b, (_, _, probs, tokens), label, color in zip(axes, rows, short, colors, strict=False):
             _hbars(ax_b, tokens, [float(p) for p in probs], color, xmax)
             ax_b.set_box_aspect((0.24 * len(tokens) + 0.1) / 2.6)
             ax_b.set_title(label if n > 1 else bars_title, fontsize=_FONT, color=color if n > 1 else "black")
 
-    return width, height, draw
+    return Plan(width, height, draw)
 
 
 def _hbars(ax: Any, tokens: list[str], probs: list[float], color: Any, xmax: float) -> None:
     y = list(range(len(tokens)))
     ax.barh(y, probs, color=color, height=0.7)
-    for yy, p in zip(y, probs):
+    for yy, p in zip(y, probs, strict=False):
         ax.text(p + xmax * 0.02, yy, f"{p:.3f}", va="center", fontsize=_FONT - 1.5, color="0.3")
     ax.set_yticks(y, tokens, fontsize=_FONT)
     ax.invert_yaxis()
@@ -561,10 +567,24 @@ def _softmax(logits: Any) -> Any:
     return e / e.sum()
 
 
-def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
-          get: Callable[[Result], tuple[list[str], list[float | None], list[float | None], float, float]]) -> Plan:
+Panel = tuple[list[str], list[float | None], list[float | None], float, float]
+
+
+def steering(results: Sequence[Result], labels: list[str]) -> Plan:
+    return _pair(results, labels, ("without the vector", "with the steering vector"), _steering_panel,
+                 ("top_ids", "steered_top_ids"))
+
+
+def cross_prompt(results: Sequence[Result], labels: list[str]) -> Plan:
+    names = ("target prompt, unpatched", "target with the source prompt's layer output copied in")
+    return _pair(results, labels, names, _cross_prompt_panel, ("top_ids_before", "top_ids_after"))
+
+
+def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str], get: Callable[[Result], Panel],
+          top_ids: tuple[str, str]) -> Plan:
+    """Two top-k lists per job, side by side; `top_ids` names each list's ids (their sizes are k)."""
     panels = [get(r) for r in results]
-    ks = [_top_k_sizes(r) for r in results]
+    ks = [(int(_array(_field(r, top_ids[0])).size), int(_array(_field(r, top_ids[1])).size)) for r in results]
     longest = max((len(t) for p in panels for t in p[0]), default=6)
     panel_w = max(5.0, 3.6 + 0.075 * longest)
     cols, rows = _grid(len(panels), panel_w, max_w=16.0, max_cols=3)
@@ -588,7 +608,7 @@ def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
             y = np.arange(len(tokens))
             hh = 0.38
             for offset, values, color, floor, k in ((-hh / 2, a, base, floor_a, k_a), (hh / 2, b, alt, floor_b, k_b)):
-                for yy, v in zip(y, values):
+                for yy, v in zip(y, values, strict=False):
                     if v is None:
                         ax.text(xmax * 0.01, yy + offset, f"not in its top {k} (< {floor:.3f})", va="center",
                                 fontsize=_FONT - 2.5, color="0.45", style="italic")
@@ -610,55 +630,52 @@ def _pair(results: Sequence[Result], labels: list[str], names: tuple[str, str],
                 ax.set_title(labels[i], fontsize=_FONT)
         _bottom_legend(fig, handles=[Patch(color=base, label=names[0]), Patch(color=alt, label=names[1])], ncols=2)
 
-    return width, height, draw
+    return Plan(width, height, draw)
 
 
-def _top_k_sizes(r: Result) -> tuple[int, int]:
-    exp = r.job.get("experiment")
-    first, second = ("top_ids", "steered_top_ids") if exp == "steering" else ("top_ids_before", "top_ids_after")
-    return int(_array(_field(r, first)).size), int(_array(_field(r, second)).size)
-
-
-def _union(ids_a: Sequence[int], toks_a: Sequence[str], ids_b: Sequence[int], toks_b: Sequence[str]) -> tuple[list[int], dict[int, str]]:
+def _union(ids_a: Sequence[int], toks_a: Sequence[str], ids_b: Sequence[int],
+           toks_b: Sequence[str]) -> tuple[list[int], dict[int, str]]:
     order: list[int] = []
     names: dict[int, str] = {}
     cap = _MAX_RANKS // 2
-    for i, t in [*zip(ids_a[:cap], toks_a[:cap]), *zip(ids_b[:cap], toks_b[:cap])]:
+    for i, t in [*zip(ids_a[:cap], toks_a[:cap], strict=False), *zip(ids_b[:cap], toks_b[:cap], strict=False)]:
         if i not in names:
             order.append(i)
             names[i] = t
     return order, names
 
 
-def _steering_panel(r: Result) -> tuple[list[str], list[float | None], list[float | None], float, float]:
+def _steering_panel(r: Result) -> Panel:
     ids_a = [int(x) for x in _array(_field(r, "top_ids")).reshape(-1)]
     ids_b = [int(x) for x in _array(_field(r, "steered_top_ids")).reshape(-1)]
     pa = [float(x) for x in _array(_field(r, "top_probs")).reshape(-1)]
     pb = [float(x) for x in _array(_field(r, "steered_top_probs")).reshape(-1)]
     order, names = _union(ids_a, _field(r, "top_tokens"), ids_b, _field(r, "steered_top_tokens"))
     # Probabilities from the full lists: a token is "not in its top k" only when it truly is not.
-    a = dict(zip(ids_a, pa))
-    b = dict(zip(ids_b, pb))
+    a = dict(zip(ids_a, pa, strict=False))
+    b = dict(zip(ids_b, pb, strict=False))
     order.sort(key=lambda i: -max(a.get(i, 0.0), b.get(i, 0.0)))
     return ([token_label(names[i]) for i in order], [a.get(i) for i in order], [b.get(i) for i in order],
             min(pa, default=0.0), min(pb, default=0.0))
 
 
-def _cross_prompt_panel(r: Result) -> tuple[list[str], list[float | None], list[float | None], float, float]:
+def _cross_prompt_panel(r: Result) -> Panel:
     ids_a = [int(x) for x in _array(_field(r, "top_ids_before")).reshape(-1)]
     ids_b = [int(x) for x in _array(_field(r, "top_ids_after")).reshape(-1)]
     order, names = _union(ids_a, _field(r, "top_tokens_before"), ids_b, _field(r, "top_tokens_after"))
     try:  # the full logits give every token's probability in both runs
-        pa_all, pb_all = _softmax(_array(r["logits_before"]).reshape(-1)), _softmax(_array(r["logits_after"]).reshape(-1))
+        pa_all = _softmax(_array(r["logits_before"]).reshape(-1))
+        pb_all = _softmax(_array(r["logits_after"]).reshape(-1))
         a = {i: float(pa_all[i]) for i in order}
         b = {i: float(pb_all[i]) for i in order}
     except KeyError:
-        a = dict(zip(ids_a, (float(x) for x in _array(_field(r, "top_probs_before")).reshape(-1))))
-        b = dict(zip(ids_b, (float(x) for x in _array(_field(r, "top_probs_after")).reshape(-1))))
+        a = dict(zip(ids_a, (float(x) for x in _array(_field(r, "top_probs_before")).reshape(-1)), strict=False))
+        b = dict(zip(ids_b, (float(x) for x in _array(_field(r, "top_probs_after")).reshape(-1)), strict=False))
     order.sort(key=lambda i: -max(a.get(i, 0.0), b.get(i, 0.0)))
     floor_a = min((a[i] for i in ids_a if i in a), default=0.0)
     floor_b = min((b[i] for i in ids_b if i in b), default=0.0)
-    return [token_label(names[i]) for i in order], [a.get(i) for i in order], [b.get(i) for i in order], floor_a, floor_b
+    tokens = [token_label(names[i]) for i in order]
+    return tokens, [a.get(i) for i in order], [b.get(i) for i in order], floor_a, floor_b
 
 
 # -- generation --------------------------------------------------------------------------------
@@ -695,10 +712,10 @@ def _shorten_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
+def generate(results: Sequence[Result], labels: list[str]) -> Plan:
     blocks = []
     others = job_labels(results, exclude=("prompt",)) if len(results) > 1 else [""]
-    for r, other in zip(results, others):
+    for r, other in zip(results, others, strict=False):
         prompt = str(r.job.get("params", {}).get("prompt", "")).replace("\r\n", "\n").replace("\t", "    ")
         text = str(_field(r, "text")).replace("\r\n", "\n").replace("\t", "    ")
         n_tokens = int(_array(_field(r, "token_ids")).size)
@@ -709,7 +726,8 @@ def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
             more = len(spans) - (_MAX_LINES - 1)
             spans = spans[: _MAX_LINES - 1]
         head = f"job {r.job.get('id')}" + (f"   {other}" if other and not other.startswith("job ") else "")
-        blocks.append((combined, len(prompt), spans, more, n_tokens, _shorten_line(head, 70) if len(results) > 1 else ""))
+        heading = _shorten_line(head, 70) if len(results) > 1 else ""
+        blocks.append((combined, len(prompt), spans, more, n_tokens, heading))
     line_h = _FONT * 1.5 / 72  # inches per line
     heights = [0.27 + (len(b[2]) + (1 if b[3] else 0)) * line_h + 0.12 for b in blocks]
     width = _WRAP * _FONT * _MONO_ADVANCE / 72 + 0.5
@@ -723,7 +741,7 @@ def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
         for ax, (combined, boundary, spans, more, n_tokens, head) in zip(axes, blocks, strict=True):
             ax.set_axis_off()
 
-            def put(text: str, x: float, y: float, escape: bool = True, **kw: Any) -> Any:
+            def put(text: str, x: float, y: float, escape: bool = True, ax: Any = ax, **kw: Any) -> Any:
                 return ax.annotate(_escape_math(text) if escape else text, xy=(0, 1), xycoords="axes fraction",
                                    xytext=(x, -y), textcoords="offset points", va="top", ha="left",
                                    annotation_clip=False, **kw)
@@ -749,37 +767,34 @@ def _generate(results: Sequence[Result], labels: list[str]) -> Plan:
             if more:
                 put(f"… ({more} more lines)", 0, y, fontsize=_FONT - 0.5, color="0.4", style="italic")
 
-    return width, height, draw
+    return Plan(width, height, draw, shown_in_figure=("prompt",))
 
 
 # -- entry points ------------------------------------------------------------------------------
 
-_DRAW: dict[str, Callable[[Sequence[Any], list[str]], Plan]] = {
-    "logit-lens": _logit_lens,
-    "patching": _patching,
-    "activations": _activations,
-    "steering": lambda rs, ls: _pair(rs, ls, ("without the vector", "with the steering vector"), _steering_panel),
-    "cross-prompt": lambda rs, ls: _pair(
-        rs, ls, ("target prompt, unpatched", "target with the source prompt's layer output copied in"), _cross_prompt_panel
-    ),
-    "generate": _generate,
-}
+def _plot_hook(results: Sequence[Result]) -> Callable[[Sequence[Result], list[str]], Any]:
+    """The `plot` hook of the one experiment these results are of; `PlotError` if none."""
+    from . import experiments
 
-
-def _experiment(results: Sequence[Result]) -> str:
     if not results:
         raise PlotError("plot takes at least one result")
     names: list[str] = []
     for r in results:
-        name = r.job.get("experiment")
+        name = str(r.job.get("experiment"))
         if name not in names:
             names.append(name)
     if len(names) > 1:
         shown = ", ".join(names[:-1]) + f" and {names[-1]}"
         raise PlotError(f"plot takes results of one experiment; got {shown}")
-    if names[0] not in _DRAW:
-        raise PlotError(f"no plot for experiment {names[0]!r}: plot draws {', '.join(PLOTTABLE)}")
-    return names[0]
+    try:
+        plot = experiments.get(names[0]).hook("plot")
+    except UnknownExperiment:
+        plot = None
+    if plot is None:
+        drawn = ", ".join(e.name for e in experiments.all_experiments() if e.plot is not None)
+        raise PlotError(f"no plot for experiment {names[0]!r}: plot draws {drawn} (an experiment of your own "
+                        "names one with @experiment(..., plot=...), and is loaded with --import)")
+    return plot
 
 
 def default_plot_name(results: Sequence[Result]) -> str:
@@ -799,15 +814,15 @@ def figure(results: Sequence[Result], title: str | None = None) -> Any:
     """The matplotlib `Figure` for results of one experiment, drawn but not written (for a
     notebook, or to inspect); `plot_results` writes it. Raises `PlotError` as `plot_results`."""
     results = list(results)
-    exp = _experiment(results)
+    plot = _plot_hook(results)
     try:
         import matplotlib
         from matplotlib.figure import Figure
     except ImportError:
         raise PlotError("plotting needs matplotlib: pip install 'ndif-jobs[plot]'") from None
     labels = job_labels(results)
-    width, height, draw = _DRAW[exp](results, labels)
-    heading = _heading(results, title, width)
+    width, height, draw, shown_in_figure = Plan(*plot(results, labels))
+    heading = _heading(results, title, width, skip=shown_in_figure)
     title_h = (heading.count("\n") + 1) * _TITLE_FONT * 1.35 / 72 + 0.15
     with matplotlib.rc_context(_rc()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
@@ -817,7 +832,7 @@ def figure(results: Sequence[Result], title: str | None = None) -> Any:
     return fig
 
 
-def _rc() -> dict[str, Any]:
+def _rc() -> dict[Any, Any]:  # matplotlib types its keys as a Literal of every rc name
     fallbacks = _fallback_fonts()
     return {
         "font.size": _FONT,
@@ -833,7 +848,8 @@ def plot_results(results: Sequence[Result], out: Path | str, title: str | None =
 
     `out` may be a file (its suffix picks the format: .png, .pdf, .svg; none means .png) or an
     existing folder (the file is then named by `default_plot_name`). Raises `PlotError` (a
-    `ValueError` and a `BadInput`) for no results, mixed experiments or an unknown experiment.
+    `ValueError` and a `BadInput`) for no results, mixed experiments or an experiment without a
+    `plot` hook.
     """
     results = list(results)
     fig = figure(results, title)

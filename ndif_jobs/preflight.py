@@ -4,9 +4,9 @@ A bad layer index found by NDIF after a night in its queue costs a researcher a 
 it is a one-line error before anything is queued. What a parameter is comes from its type
 (`Layer`, `Layers`, `Position`, `Prompt`, `Token` in `experiments.params`), so users'
 experiments get the same checks as the built-ins. Pre-flight also puts parameters in one
-canonical form before they are keyed (`layers=0:30` is the default "all layers"), and gives each
-built-in's result size, which the worker uses to keep one request's answer under
-`max_result_bytes`.
+canonical form before they are keyed (`layers=0:30` is the default "all layers"), and gives the
+result size from the experiment's `estimate` hook, which the worker uses to keep one request's
+answer under `max_result_bytes`.
 
 The config and `tokenizer.json` are read as plain files: from a local folder, from the converted
 embedded model, or from the Hugging Face cache. Only a job for NDIF reaches for the hub, and only
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .errors import BadInput, InvalidParams
+from .experiments.estimates import ModelShape
 from .experiments.params import LAYER, LAYERS, POSITION, PROMPT, TOKEN, Meaning, meaning_of
 from .models import EMBEDDED_NAME, ModelRef
 
@@ -135,6 +136,7 @@ def fetch_model_files(ref: ModelRef, offline: bool) -> str | None:
     key = (ref.location, ref.revision)
     if key in _fetch_failures:
         return _fetch_failures[key]
+    reason: str | None
     if offline or _hub_offline():
         reason = "NDIF_JOBS_OFFLINE is set" if offline else "HF_HUB_OFFLINE is set"
     else:
@@ -224,7 +226,8 @@ def check(exp: Experiment, params: dict[str, Any], ref: ModelRef, models_dir: Pa
     """Check `params` (already validated) against the model; return them in canonical form with
     the estimated result bytes. Raises `InvalidParams` for what cannot run on this model and
     warns (`PreflightWarning`, one line per job) about what runs but may not measure what was
-    meant. `fetch`: a hub model's files may be downloaded first (jobs for NDIF)."""
+    meant. `fetch`: a hub model's files may be downloaded first (jobs for NDIF). The estimate is
+    None for an experiment that registered no `estimate` hook."""
     if fetch and ref.kind == "hub":
         fetch_model_files(ref, offline)
     config = model_config(ref, models_dir)
@@ -236,8 +239,12 @@ def check(exp: Experiment, params: dict[str, Any], ref: ModelRef, models_dir: Pa
     checked = _walk(exp.name, exp.params, params, model, notes, prefix="")
     if notes:
         warnings.warn(f"{exp.name}: {'; '.join(notes)}", PreflightWarning, stacklevel=2)
-    builtin = exp.target.startswith("ndif_jobs.experiments.builtin:")
-    return checked, _estimate(exp.name, checked, config, model.n_layers) if builtin else None
+    estimate = exp.hook("estimate")
+    if estimate is None:
+        return checked, None
+    shape = ModelShape(n_layers=model.n_layers or 0, hidden_size=_get(config, "hidden_size", "n_embd", "d_model") or 0,
+                       vocab_size=_get(config, "vocab_size") or 0)
+    return checked, estimate(checked, shape)
 
 
 def _members(annotation: Any) -> tuple[Any, ...]:
@@ -318,7 +325,8 @@ def _position(exp: str, where: str, position: int, prompts: dict[str, str], mode
     for name, text in prompts.items():
         n = model.prompt_tokens(text)
         if n is not None and not -n <= position < n:
-            raise InvalidParams(f"{exp}: {where} {position} is outside {name}, which is {n} token{'s' if n != 1 else ''} "
+            tokens = f"{n} token{'s' if n != 1 else ''}"
+            raise InvalidParams(f"{exp}: {where} {position} is outside {name}, which is {tokens} "
                                 f"(positions {-n}..{n - 1})")
 
 
@@ -355,20 +363,3 @@ def _distinct(exp: str, tokens: dict[str, tuple[str, int]], model: _Model) -> No
                 "is all that is compared: the difference would always be 0. Choose texts whose first tokens differ"
             )
         seen[first] = (where, text)
-
-
-def _estimate(experiment: str, params: dict[str, Any], config: dict[str, Any] | None, n_layers: int | None) -> int | None:
-    """A built-in's result size in bytes, from its parameters and the model's shape."""
-    hidden = _get(config, "hidden_size", "n_embd", "d_model") or 0
-    vocab = _get(config, "vocab_size") or 0
-    n = len(params.get("layers") or []) or (n_layers or 0)
-    k = int(params.get("top_k") or 5)
-    estimates = {
-        "activations": n * 4 + k * 12,
-        "logit-lens": n * k * 12,
-        "patching": n * 12 + 64,
-        "cross-prompt": 2 * vocab * 4 + 4 * k * 12,
-        "steering": hidden * 4 + 2 * k * 12,
-        "generate": int(params.get("max_new_tokens") or 20) * 8 + hidden * 4,
-    }
-    return estimates.get(experiment)

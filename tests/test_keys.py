@@ -193,7 +193,7 @@ def test_results_stored_under_the_old_path_keys_are_still_found(env, home) -> No
     from ndif_jobs import experiments
     from ndif_jobs.keys import cache_key
     from ndif_jobs.models import embedded_gguf_path
-    from ndif_jobs.results import ResultStore
+    from ndif_jobs.store import ResultStore
 
     done = submit(env, "logit-lens", *LENS)
     run_cli("worker", "--until-empty", env=env, check=True)
@@ -224,7 +224,7 @@ def test_results_stored_under_the_old_path_keys_are_still_found(env, home) -> No
 def _rows(home: Path, ids: list[str]) -> list[tuple[str, str, str | None]]:
     """(state, key, result key) of each job, read from the queue's SQLite file."""
     with sqlite3.connect(home / "queue.db") as db:
-        found = dict(((r[0], r[1:]) for r in db.execute('SELECT id, state, "key", result_key FROM jobs')))
+        found = dict((r[0], r[1:]) for r in db.execute('SELECT id, state, "key", result_key FROM jobs'))
     return [found[i] for i in ids]
 
 

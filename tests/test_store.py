@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from ndif_jobs.errors import ResultCorrupt, ResultMissing, StoreError
-from ndif_jobs.results import MANIFEST_FILE, TENSOR_FILE, ResultStore
+from ndif_jobs.store import MANIFEST_FILE, TENSOR_FILE, ResultStore
 
 KEY = "ab" * 32
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +146,7 @@ def test_round_trip_property(tmp_path_factory, result) -> None:  # type: ignore[
         if isinstance(a, dict):
             return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
         if isinstance(a, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
         return a == b
 
     assert same(result, got)
@@ -154,10 +156,10 @@ def test_round_trip_property(tmp_path_factory, result) -> None:  # type: ignore[
 
 
 def test_strided_and_expanded_tensors_are_written_in_pieces(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import ndif_jobs.results as results
+    from ndif_jobs.store import safetensors_io
 
-    monkeypatch.setattr(results, "_COPY_CHUNK", 64)  # many pieces, and rows bigger than a piece
-    monkeypatch.setattr(results, "_CHUNK", 96)
+    monkeypatch.setattr(safetensors_io, "_COPY_CHUNK", 64)  # many pieces, and rows bigger than a piece
+    monkeypatch.setattr(safetensors_io, "_CHUNK", 96)
     base = torch.arange(40 * 30, dtype=torch.float32).reshape(40, 30)
     data = {
         "t": base.t(),  # strided: rows of 160 bytes, more than a piece
@@ -184,7 +186,7 @@ def test_peak_extra_memory_of_a_put_is_under_a_tenth_of_the_result(tmp_path) -> 
     script = f"""
 import json, sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from ndif_jobs.results import ResultStore
+from ndif_jobs.store import ResultStore
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -208,13 +210,13 @@ print(json.dumps({{"before": before, "peak": rss("VmHWM:")}}))
 
 
 def test_unchanged_file_is_trusted_without_rehashing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import ndif_jobs.results as results
+    import ndif_jobs.store.store as store_module
 
     store = ResultStore(tmp_path)
     store.put(KEY, sample())
     calls = []
-    real = results._sha256_fd
-    monkeypatch.setattr(results, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    real = store_module._sha256_fd
+    monkeypatch.setattr(store_module, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
     store.get(KEY)
     assert calls == []
     store.get(KEY, verify=True)
@@ -239,59 +241,61 @@ def test_in_place_rewrite_with_its_mtime_put_back_is_caught(tmp_path) -> None:  
 
 def test_stamp_waits_for_the_file_clock_to_move_on() -> None:
     """A change in the same clock tick as the write would keep mtime and ctime (racy stamp)."""
-    import ndif_jobs.results as results
+    import ndif_jobs.store.store as store_module
 
-    now = results._fs_now_ns()
+    now = store_module._fs_now_ns()
     fake = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, now, now + 1, now))
-    stamp = results._settled_stamp(fake)
+    stamp = store_module._settled_stamp(fake)
     assert stamp == {"size": 100, "ino": 7, "mtime_ns": now + 1, "ctime_ns": now}
-    assert results._fs_now_ns() > now + 1  # any later change gets a later time
+    assert store_module._fs_now_ns() > now + 1  # any later change gets a later time
     whole = (now // 10**9) * 10**9
     coarse = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, whole, whole, whole))
-    assert results._settled_stamp(coarse) is None  # whole-second times: never trusted
+    assert store_module._settled_stamp(coarse) is None  # whole-second times: never trusted
     future = os.stat_result((0o100600, 7, 0, 1, 0, 0, 100, 0, 0, 0, 0.0, 0.0, 0.0, now + 10**12, now + 10**12 + 1, now + 10**12 + 1))
-    assert results._settled_stamp(future, wait_s=0.01) is None  # a clock behind the file's: never trusted
+    assert store_module._settled_stamp(future, wait_s=0.01) is None  # a clock behind the file's: never trusted
 
 
 def test_stamp_without_ctime_from_an_older_manifest_means_rehash(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import ndif_jobs.results as results
+    import ndif_jobs.store.store as store_module
+    from ndif_jobs.store.codec import CHECKSUM_FIELD
 
     store = ResultStore(tmp_path)
     store.put(KEY, sample())
     mpath = store.path_for(KEY) / MANIFEST_FILE
     manifest = json.loads(mpath.read_text())
     del manifest["files"][TENSOR_FILE]["stat"]["ctime_ns"]
-    del manifest[results.CHECKSUM_FIELD]
+    del manifest[CHECKSUM_FIELD]
     manifest["format"] = 1  # stamps without ctime were written by format 1 only
     mpath.write_text(json.dumps(manifest))
     calls = []
-    real = results._sha256_fd
-    monkeypatch.setattr(results, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    real = store_module._sha256_fd
+    monkeypatch.setattr(store_module, "_sha256_fd", lambda fd, size: calls.append(size) or real(fd, size))
     assert torch.equal(store.get(KEY).values["norms"], sample()["norms"])
     assert len(calls) == 1
 
 
 def test_get_maps_the_very_file_it_checked(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A file swapped in between the check and the mapping is not what get returns."""
-    import ndif_jobs.results as results
+    import ndif_jobs.store.store as store_module
 
     store = ResultStore(tmp_path)
     store.put(KEY, {"x": torch.zeros(64)})
     other = ResultStore(tmp_path / "other")
     other.put(KEY, {"x": torch.ones(64)})  # same size, valid, but not this result's bytes
     path = store.path_for(KEY) / TENSOR_FILE
-    real = results._map_safetensors
+    real = store_module.map_safetensors
 
     def swap_then_map(f, p):  # type: ignore[no-untyped-def]
         os.replace(other.path_for(KEY) / TENSOR_FILE, path)
         return real(f, p)
 
-    monkeypatch.setattr(results, "_map_safetensors", swap_then_map)
+    monkeypatch.setattr(store_module, "map_safetensors", swap_then_map)
     assert torch.equal(store.get(KEY).values["x"], torch.zeros(64))
 
 
 def test_bad_manifest_entries_and_headers_are_corrupt(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from ndif_jobs.results import CHECKSUM_FIELD, manifest_digest, read_safetensors
+    from ndif_jobs.store.codec import CHECKSUM_FIELD, manifest_digest
+    from ndif_jobs.store.safetensors_io import read_safetensors
 
     def sealed(manifest: dict) -> str:
         """A bad manifest with a matching checksum: the checks behind the checksum must catch it."""

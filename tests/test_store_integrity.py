@@ -167,9 +167,9 @@ def test_gc_puts_back_a_result_that_a_job_finished_on_after_the_detach(env, home
     """Between gc's detach and its removal, the same computation is submitted and run: the worker
     finds the result still in place and completes on it. gc must not then delete it."""
     from ndif_jobs.db.engine import dispose_engines
-    from ndif_jobs.housekeeping import GcOutcome, detach, plan_gc, remove_unneeded
     from ndif_jobs.service import Service
     from ndif_jobs.settings import Settings
+    from ndif_jobs.store.housekeeping import GcOutcome, detach, plan_gc, remove_unneeded
 
     key = ids["act"]["key"]
     service = Service(Settings())

@@ -16,9 +16,22 @@ the import path), `--import ./my_probes.py` or `--import path/to/folder:mymodule
             h = model.model.layers[p["layer"]].output.save()
         return {"mean": h.mean(dim=1)}
 
-Built-ins are registered by name and imported only when run, so listing or submitting them
-never imports torch. A job's cache key includes a hash of its experiment's source, so editing
-an experiment re-runs it instead of serving a stale result.
+An experiment may also name, as `module:function` strings or as functions, its one-glance
+`summary` (for `ndif-jobs results`), its `plot` (for `ndif-jobs plot`) and its result-size
+`estimate` (which keeps one NDIF request's answer under `max_result_bytes`)::
+
+    @experiment("my-probe", params=MyParams, summary="my_probes:summary", plot="my_probes:plot")
+
+* `summary(values) -> list[str]`: a few lines a researcher reads first.
+* `plot(results, labels) -> (width_in, height_in, draw)`: `draw(fig)` draws on a matplotlib
+  `Figure` of that size; `labels` name each result by the parameters that differ between them.
+* `estimate(params, shape) -> int`: the result's bytes, from the checked parameters and the
+  model's `ModelShape` (see `estimates.py`).
+
+Built-ins are registered by name, with their hooks, and imported only when used, so listing or
+submitting them never imports torch, and the code shipped to NDIF stays torch and nnsight only.
+A job's cache key includes a hash of its experiment's source, so editing an experiment re-runs
+it instead of serving a stale result.
 """
 
 from __future__ import annotations
@@ -30,9 +43,10 @@ import importlib
 import importlib.util
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -41,27 +55,43 @@ from . import params as P
 
 Params = P.Params
 
+#: A hook: a function, or the `module:function` that names it (imported on first use).
+Hook = str | Callable[..., Any] | None
+HookKind = Literal["estimate", "summary", "plot"]
+
 
 @dataclass
 class Experiment:
-    """One registered experiment. `target` is `module:function`, imported on first use."""
+    """One registered experiment. `target` is `module:function`, imported on first use; so are
+    its hooks (see the module doc). `builtin`: shipped with ndif-jobs, needs no `--import`."""
 
     name: str
     params: type[BaseModel]
     target: str
     description: str = ""
     version: int = 1
+    estimate: Hook = None
+    summary: Hook = None
+    plot: Hook = None
+    builtin: bool = False
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
     _source_hash: str | None = field(default=None, repr=False)
 
     def function(self) -> Callable[..., Any]:
         if self._fn is None:
-            module_name, _, qualname = self.target.partition(":")
-            obj: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            self._fn = obj
+            self._fn = _resolve(self.target)
         return self._fn
+
+    def hook(self, kind: HookKind) -> Callable[..., Any] | None:
+        """The experiment's `estimate`, `summary` or `plot` function; None if it has none.
+        Raises `BadInput` when a `module:function` it names cannot be imported."""
+        ref = getattr(self, kind)
+        if ref is None or callable(ref):
+            return ref
+        try:
+            return _resolve(ref)
+        except (ImportError, AttributeError) as exc:
+            raise BadInput(f"experiment {self.name!r}: its {kind} {ref!r} cannot be imported: {exc}") from None
 
     @property
     def source_hash(self) -> str:
@@ -110,6 +140,15 @@ class Experiment:
         return out
 
 
+def _resolve(target: str) -> Any:
+    """The object `module:qualified.name` names, importing the module."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _one_line(exc: ValidationError, params: type[BaseModel]) -> str:
     parts = []
     for error in exc.errors():
@@ -156,9 +195,14 @@ def register(exp: Experiment) -> Experiment:
 
 
 def experiment(
-    name: str, params: type[BaseModel], description: str | None = None, version: int = 1
+    name: str, params: type[BaseModel], description: str | None = None, version: int = 1, *,
+    estimate: Hook = None, summary: Hook = None, plot: Hook = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn(model, params: dict) -> dict` (or a staged generator) under `name`."""
+    """Register `fn(model, params: dict) -> dict` (or a staged generator) under `name`, with
+    its optional hooks (functions or `module:function` strings; see the module doc)."""
+    for kind, ref in (("estimate", estimate), ("summary", summary), ("plot", plot)):
+        if not (ref is None or callable(ref) or (isinstance(ref, str) and _is_target(ref))):
+            raise BadInput(f"experiment {name!r}: {kind} must be a function or 'module:function', not {ref!r}")
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         exp = register(
@@ -168,6 +212,9 @@ def experiment(
                 target=f"{fn.__module__}:{fn.__qualname__}",
                 description=description or (inspect.getdoc(fn) or "").split("\n")[0],
                 version=version,
+                estimate=estimate,
+                summary=summary,
+                plot=plot,
                 _fn=fn,
             )
         )
@@ -177,6 +224,11 @@ def experiment(
         return fn
 
     return wrap
+
+
+def _is_target(ref: str) -> bool:
+    module_name, sep, qualname = ref.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in [*module_name.split("."), *qualname.split(".")])
 
 
 def get(name: str) -> Experiment:
@@ -248,7 +300,8 @@ def _import_from(folder: Path, name: str, spec: str) -> None:
         raise BadInput(f"cannot import experiment module {spec!r}: no module {top!r} in {folder}")
     loaded = sys.modules.get(top)
     if loaded is not None:
-        if getattr(loaded, "__spec__", None) is None or loaded.__spec__.origin != found.origin:
+        loaded_spec = getattr(loaded, "__spec__", None)
+        if loaded_spec is None or loaded_spec.origin != found.origin:
             where = getattr(loaded, "__file__", None) or "built in"
             raise BadInput(f"experiment module {spec!r}: the name {top!r} is already taken by {where}; rename the file")
     if str(folder) not in sys.path:
@@ -264,7 +317,7 @@ def _import_from(folder: Path, name: str, spec: str) -> None:
     importlib.import_module(name)
 
 
-_BUILTIN = "ndif_jobs.experiments.builtin"
+# Each built-in's function, size estimate, summary and figure share one name in four modules.
 for _name, _params, _fn, _doc in (
     ("activations", P.ActivationsParams, "activations", "Block-output norms per layer and the next-token top-k."),
     ("patching", P.PatchingParams, "patching", "Activation patching sweep: logit difference per patched layer."),
@@ -273,4 +326,8 @@ for _name, _params, _fn, _doc in (
     ("logit-lens", P.LogitLensParams, "logit_lens", "Each layer's prediction through the final norm and unembedding."),
     ("generate", P.GenerateParams, "generate", "Greedy generation, optionally steered."),
 ):
-    register(Experiment(name=_name, params=_params, target=f"{_BUILTIN}:{_fn}", description=_doc))
+    register(Experiment(
+        name=_name, params=_params, target=f"ndif_jobs.experiments.builtin:{_fn}", description=_doc,
+        estimate=f"ndif_jobs.experiments.estimates:{_fn}", summary=f"ndif_jobs.summaries:{_fn}",
+        plot=f"ndif_jobs.plots:{_fn}", builtin=True,
+    ))

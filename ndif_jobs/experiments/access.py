@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks", "layers")
-NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm", "transformer.norm_f", "norm")
+BLOCK_PATHS = (
+    "model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks", "layers",
+)
+NORM_PATHS = (
+    "model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
+    "transformer.norm_f", "norm",
+)
 UNEMBED_PATHS = ("lm_head", "embed_out")
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import nnsight
 import torch
@@ -104,7 +105,7 @@ def run_passes(model: Any, passes: list[Pass], ids: list[torch.Tensor]) -> list[
     encoded = encode_prompts(model, [p.prompt for p in passes], ids)
     kept: list[Any] = [None] * len(passes)
     with model.trace() as tracer:
-        for i, (step, (inputs, window)) in enumerate(zip(passes, encoded)):
+        for i, (step, (inputs, window)) in enumerate(zip(passes, encoded, strict=False)):
             with tracer.invoke(inputs):
                 values = step.body(model, window)
                 for value in values.values():
@@ -213,7 +214,7 @@ def _run_stage(
     for chunk in chunks:
         try:
             values = run_passes(model, [passes[i] for i in chunk], [ids[i] for i in chunk])
-            for i, v in zip(chunk, values):
+            for i, v in zip(chunk, values, strict=False):
                 kept[i] = v
         except Exception as exc:  # noqa: BLE001
             if len({owners[i] for i in chunk}) == 1:
@@ -224,7 +225,7 @@ def _run_stage(
                 mine = [i for i in chunk if owners[i] == job_id]
                 try:
                     values = run_passes(model, [passes[i] for i in mine], [ids[i] for i in mine])
-                    for i, v in zip(mine, values):
+                    for i, v in zip(mine, values, strict=False):
                         kept[i] = v
                 except Exception as inner:  # noqa: BLE001
                     out[job_id] = Failure(inner)

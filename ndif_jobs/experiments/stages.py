@@ -7,7 +7,8 @@ names the module with `--import` imports it. Like the runtime, this module trave
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Body = Callable[[Any, "Window"], dict]
 

@@ -25,12 +25,13 @@ from typing import IO, Any
 
 from sqlalchemy import or_, select, update
 
-from .db.engine import write_transaction
-from .db.tables import JobState, now
-from .db.queue import ACTIVE_VALUES, DONE_VALUES, jobs
-from .errors import BadInput, ResultCorrupt, ResultMissing, StoreError
-from .results import flatten, is_sealed, to_jsonable, write_safetensors_fd
-from .service import Service
+from ..db.engine import write_transaction
+from ..db.queue import ACTIVE_VALUES, DONE_VALUES, jobs
+from ..db.tables import JobState, now
+from ..errors import BadInput, ResultCorrupt, ResultMissing, StoreError
+from ..service import Service
+from .codec import flatten, is_sealed, to_jsonable
+from .safetensors_io import write_safetensors_fd
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
 _CHUNK = 500
@@ -172,7 +173,7 @@ def run_gc(service: Service, plan: GcPlan) -> GcOutcome:
 
 
 def detach(service: Service, keys: Sequence[str]) -> list[str]:
-    """Point no finished job at these results any more (committed on return), except those a
+    """Detach every finished job from these results (committed on return), except those a
     job queued or running meanwhile needs; returns the keys that may now be removed."""
     with write_transaction(service.queue.engine) as conn:
         busy = {
@@ -237,7 +238,8 @@ EXPORT_MODE = 0o600
 
 
 def export(result: Any, fmt: str, out: Path) -> Path:
-    """Write a result for other tools. Pickle (`pt`) only ever goes out, never comes in.
+    """Write a result for other tools. Pickle (`pt`) only ever goes out, never comes in. `json`
+    holds NaN, inf and -inf as null (JSON has no number for them); the other formats keep them.
 
     The file is written into a temporary file created exclusively beside the output (so a
     symlink or file planted under a guessable name is never written through), fsynced, and
