@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -169,7 +169,7 @@ def main_options(
         help="Your own @experiment functions: a module name, path/to/file.py or path/to/folder:module (repeatable).",
     ),
     offline: bool = typer.Option(False, "--offline", help="Serve from the store only: no network, no model."),
-    env_file: Optional[Path] = typer.Option(
+    env_file: Path | None = typer.Option(
         None, "--env-file", help="Read settings from this .env file instead of <data folder>/.env.",
     ),
 ) -> None:
@@ -184,10 +184,10 @@ def main_options(
 @app.command()
 def submit(
     experiment: str = typer.Argument(..., help="Experiment name (see `ndif-jobs experiments`)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Repo id, local folder, or smollm2-135m."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="local or ndif."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Repo id, local folder, or smollm2-135m."),
+    backend: str | None = typer.Option(None, "--backend", "-b", help="local or ndif."),
     param: list[str] = typer.Option([], "--param", "-p", help="NAME=VALUE (JSON where not text; repeatable)."),
-    params_file: Optional[Path] = typer.Option(
+    params_file: Path | None = typer.Option(
         None, "--params-file", help="JSON object of params, or a list of objects (one job each)."
     ),
     priority: int = typer.Option(0, "--priority", help="Higher runs first."),
@@ -223,7 +223,8 @@ def submit(
         _print_json(docs[0] if len(docs) == 1 else docs)
         return
     for doc in docs:
-        note = " (already queued: joined)" if doc.get("joined") else (" (served from the store)" if doc["state"] == "cached" else "")
+        note = (" (already queued: joined)" if doc.get("joined")
+                else " (served from the store)" if doc["state"] == "cached" else "")
         print(f"{doc['id']}{note}" if sys.stdout.isatty() else doc["id"])
 
 
@@ -255,11 +256,13 @@ def _with_preflight_warnings(call: Any) -> Any:
 @app.command()
 def worker(
     until_empty: bool = typer.Option(False, "--until-empty", help="Exit once the queue is drained."),
-    backend: Optional[str] = typer.Option(
-        None, "--backend", "-b", help="local: run every job here (NDIF models through their stand-ins); ndif: only NDIF jobs."
+    backend: str | None = typer.Option(
+        None, "--backend", "-b",
+        help="local: local jobs, and NDIF jobs whose model has a stand-in (NDIF_JOBS_LOCAL_STANDINS); "
+        "ndif: only NDIF jobs."
     ),
-    max_bundle: Optional[int] = typer.Option(None, "--max-bundle", min=1, help="Most jobs per bundle."),
-    device: Optional[str] = typer.Option(None, "--device", help="Torch device for local runs (cpu, cuda, cuda:1)."),
+    max_bundle: int | None = typer.Option(None, "--max-bundle", min=1, help="Most jobs per bundle."),
+    device: str | None = typer.Option(None, "--device", help="Torch device for local runs (cpu, cuda, cuda:1)."),
 ) -> None:
     """Run queued jobs: claim, bundle by model, run, store the results."""
     from .backends import BACKENDS
@@ -361,9 +364,9 @@ def _held_by_gone_workers(queue: Any) -> list[dict[str, Any]]:
 
 @app.command("list")
 def list_(
-    state: Optional[str] = typer.Option(None, "--state", "-s", help="Only jobs in this state."),
-    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Only jobs with this tag."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
+    state: str | None = typer.Option(None, "--state", "-s", help="Only jobs in this state."),
+    tag: str | None = typer.Option(None, "--tag", "-t", help="Only jobs with this tag."),
+    experiment: str | None = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
     limit: int = typer.Option(50, "--limit", "-n", min=0, help="Most jobs shown (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -462,7 +465,7 @@ def results(
     service = _service()
     result = service.load_result(job, verify=verify)
     if as_json:
-        from .results import to_jsonable
+        from .store.codec import to_jsonable
 
         _print_json({"job": result.job["id"], "values": to_jsonable(result.to_dict())})
         return
@@ -486,7 +489,8 @@ def _describe(value: Any) -> str:
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         dtype = str(value.dtype).removeprefix("torch.")
         if value.numel() <= 8:
-            return f"{dtype}{list(value.shape)} {[round(x, 4) if isinstance(x, float) else x for x in value.reshape(-1).tolist()]}"
+            shown = [round(x, 4) if isinstance(x, float) else x for x in value.reshape(-1).tolist()]
+            return f"{dtype}{list(value.shape)} {shown}"
         return f"{dtype}{list(value.shape)}"
     if isinstance(value, list) and len(value) > 10:
         return f"{value[:10]!r} … ({len(value)} items)"
@@ -594,14 +598,15 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="File to write (or a folder: JOB.FORMAT in it)."),
 ) -> None:
     """Write a job's result for other tools."""
-    from .housekeeping import EXPORT_FORMATS, export as export_result
+    from .store.housekeeping import EXPORT_FORMATS
+    from .store.housekeeping import export as export_result
 
     if fmt not in EXPORT_FORMATS:
         raise BadInput(f"unknown export format {fmt!r} (choose from: {', '.join(EXPORT_FORMATS)})")
     service = _service()
     result = service.load_result(job, verify=True)
     path = export_result(result, fmt, out)
-    from .results import is_sealed
+    from .store.codec import is_sealed
 
     if not is_sealed(result.manifest):
         sys.stderr.write(f"note: job {result.job['id']}'s result was stored before values were checksummed: only its"
@@ -612,8 +617,8 @@ def export(
 @app.command()
 def plot(
     jobs: list[str] = typer.Argument(..., help="Job ids of one experiment (several overlay or tile)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: derived from the jobs)."),
-    title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="PNG to write (default: derived from the jobs)."),
+    title: str | None = typer.Option(None, "--title", help="Figure title."),
 ) -> None:
     """Draw the figure for one or more results (logit-lens heatmap, patching sweep, ...)."""
     from .plots import default_plot_name, plot_results
@@ -632,7 +637,7 @@ def plot(
 @app.command("verify")
 def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Re-check every stored result's checksums; exit 1 if any is corrupt or missing."""
-    from .housekeeping import verify as run_verify
+    from .store.housekeeping import verify as run_verify
 
     service = _service()
     report = run_verify(service)
@@ -642,7 +647,8 @@ def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     else:
         console = _console()
         for problem in report.problems:
-            console.print(f"[red]{problem['problem']}[/] {problem['key'][:12]}  jobs {' '.join(problem['jobs'])}: {problem['detail']}")
+            console.print(f"[red]{problem['problem']}[/] {problem['key'][:12]}  "
+                          f"jobs {' '.join(problem['jobs'])}: {problem['detail']}")
         for entry in report.unsealed:
             console.print(f"[yellow]tensors only[/] {entry['key'][:12]}  jobs {' '.join(entry['jobs'])}: stored before"
                           " values were checksummed, so its other values cannot be checked")
@@ -660,9 +666,13 @@ def verify_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 @app.command()
 def gc(
-    older_than: Optional[float] = typer.Option(None, "--older-than", min=0, help="Remove results older than DAYS."),
-    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove oldest results until the store is under SIZE (e.g. 20GiB)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, with its jobs and tags; remove nothing."),
+    older_than: float | None = typer.Option(None, "--older-than", min=0, help="Remove results older than DAYS."),
+    max_size: str | None = typer.Option(
+        None, "--max-size", help="Remove oldest results until the store is under SIZE (e.g. 20GiB)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be removed, with its jobs and tags; remove nothing."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove stored results by age or size, never one that a queued or running job needs.
@@ -670,7 +680,7 @@ def gc(
     Always removes results that no job points at; with neither --older-than nor --max-size,
     only those.
     """
-    from .housekeeping import parse_size, plan_gc, run_gc
+    from .store.housekeeping import parse_size, plan_gc, run_gc
 
     limit = parse_size(max_size) if max_size is not None else None
     service = _service()
@@ -690,7 +700,8 @@ def gc(
         console = _console()
         if dry_run:
             for item in plan.remove:
-                console.print(f"  {item.key[:12]}  {_bytes(item.bytes):>10}  {_ago(item.created_at):>8}  {_gc_jobs(item.jobs)}",
+                console.print(f"  {item.key[:12]}  {_bytes(item.bytes):>10}  {_ago(item.created_at):>8}  "
+                              f"{_gc_jobs(item.jobs)}",
                               markup=False)
         verb = "would free" if dry_run else "freed"
         console.print(f"{'would remove' if dry_run else 'removed'} {removed} results, {verb} {_bytes(freed)}"

@@ -42,7 +42,9 @@ def cache_key(model_key: str, revision: str | None, experiment: str, source_hash
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
-def computation_keys(ref: "ModelRef", experiment: str, source_hash: str, params: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+def computation_keys(
+    ref: ModelRef, experiment: str, source_hash: str, params: dict[str, Any]
+) -> tuple[str, tuple[str, ...]]:
     """The key of running `experiment` with `params` on `ref`, and the keys earlier versions filed
     the same computation under (they named local models by path: see `models.ModelRef.legacy`)."""
     key = cache_key(ref.model_key, ref.revision, experiment, source_hash, params)

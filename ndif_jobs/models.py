@@ -137,8 +137,11 @@ def file_digest(path: Path) -> str:
     except OSError:
         value = ""
     if not re.fullmatch(r"[0-9a-f]{64}", value):
+        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            value = hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        value = digest.hexdigest()
         if kept is not None:
             _keep(kept, value)
     _digests[name] = value

@@ -84,7 +84,9 @@ def read_params_file(path: str, max_jobs: int) -> list[dict[str, Any]]:
     try:
         data = _loads(text, f"params file {path}")
     except json.JSONDecodeError as exc:
-        raise BadInput(f"params file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise BadInput(
+            f"params file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     if isinstance(data, dict):
         return [data]
     if isinstance(data, list) and len(data) > max_jobs:

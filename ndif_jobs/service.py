@@ -12,9 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .db.engine import open_database
 from .db.queue import Enqueued, NewJob, Queue
@@ -22,8 +20,8 @@ from .errors import BadInput, OfflineMiss, ResultMissing
 from .settings import Settings, ensure_private_dir, get_settings
 
 if TYPE_CHECKING:
-    from .results import ResultStore
     from .models import ModelRef
+    from .store import ResultStore
 
 
 @dataclass
@@ -44,7 +42,7 @@ class Prepared:
     """A validated submission with its cache key, ready to be queued."""
 
     new_job: NewJob
-    ref: "ModelRef"
+    ref: ModelRef
 
 
 class Service:
@@ -68,7 +66,7 @@ class Service:
 
     @cached_property
     def store(self) -> ResultStore:
-        from .results import ResultStore
+        from .store import ResultStore
 
         return ResultStore(ensure_private_dir(self.settings.results_dir))
 
@@ -161,10 +159,11 @@ class Service:
     def job(self, ref: str) -> Any:
         return self.queue.get(ref)
 
-    def load_result(self, ref: str, verify: bool = False) -> "Result":
+    def load_result(self, ref: str, verify: bool = False) -> Result:
         job = self.queue.get(ref)
         if job.result_key is None:
-            raise ResultMissing(f"job {job.id} has no result: it is {job.state}" + (f" ({job.error})" if job.error else ""))
+            why = f" ({job.error})" if job.error else ""
+            raise ResultMissing(f"job {job.id} has no result: it is {job.state}{why}")
         stored = self.store.get(job.result_key, verify=verify)
         return Result(job=_job_dict(job), stored=stored)
 
@@ -184,10 +183,11 @@ class Service:
                         for k, v in job.params.items() if v is not None)
         from .experiments import get
 
-        own = not get(job.experiment).target.startswith("ndif_jobs.experiments.builtin:")
+        own = not get(job.experiment).builtin
         imports = "".join(f"--import {_shell(m)} " for m in self.settings.import_modules) if own else ""
         return OfflineMiss(
-            f"offline and not in the store: {job.experiment} on {job.model} with {json.dumps(job.params, sort_keys=True)}; "
+            f"offline and not in the store: {job.experiment} on {job.model} with "
+            f"{json.dumps(job.params, sort_keys=True)}; "
             f"queue it with: ndif-jobs {imports}submit {job.experiment} --model {_shell(job.model)} "
             f"--backend {job.backend} {args}".rstrip()
         )

@@ -110,7 +110,9 @@ class Settings(BaseSettings):
         "whose download or decompressed size passes it by more than a quarter (+1 MiB) fails its jobs unread.",
     )
     http_timeout_s: float = Field(default=60.0, gt=0, description="Read timeout of one HTTP call to NDIF.")
-    http_retries: int = Field(default=6, ge=1, le=100, description="Tries of one HTTP call before its bundle is retried later.")
+    http_retries: int = Field(
+        default=6, ge=1, le=100, description="Tries of one HTTP call before its bundle is retried later."
+    )
     http_retry_max_s: float = Field(default=120.0, gt=0, description="Longest time spent retrying one HTTP call.")
     eviction_grace_s: float = Field(
         default=30.0, ge=0, description="After NDIF reports an evicted replica, how long to wait for a late COMPLETED."
@@ -119,7 +121,8 @@ class Settings(BaseSettings):
     poll_max_s: float = Field(default=10.0, gt=0, description="Longest wait between polls of a submitted request.")
     local_standins: dict[str, str] = Field(
         default_factory=dict,
-        description='JSON map of remote model -> local stand-in for local runs, e.g. {"meta-llama/Llama-3.1-70B": "smollm2-135m"}.',
+        description='JSON map of remote model -> local stand-in for local runs, '
+        'e.g. {"meta-llama/Llama-3.1-70B": "smollm2-135m"}.',
     )
 
     imports: str = Field(

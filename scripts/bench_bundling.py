@@ -36,7 +36,7 @@ PAIRS = [
 
 def experiments(n: int, layers: int = 30) -> list[dict]:
     return [{"clean_prompt": c, "corrupted_prompt": x, "answer": a, "wrong_answer": w, "layers": [i % layers],
-             "position": -1} for i, (c, x, a, w) in zip(range(n), PAIRS * n)]
+             "position": -1} for i, (c, x, a, w) in zip(range(n), PAIRS * n, strict=False)]
 
 
 def requests(env: dict[str, str]) -> int:

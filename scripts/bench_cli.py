@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -65,7 +64,8 @@ def build_queue(home: Path, n: int) -> str:
     while done > 0:
         rows = queue.claim("builder", min(500, done), 300.0)
         bundle = queue.start_bundle("builder", "local", rows[0].model_key, [r.id for r in rows])
-        queue.finish("builder", completed=[(r.id, r.key, rng.randint(10_000, 2_000_000)) for r in rows], bundle_id=bundle)
+        completed = [(r.id, r.key, rng.randint(10_000, 2_000_000)) for r in rows]
+        queue.finish("builder", completed=completed, bundle_id=bundle)
         show_id = show_id or rows[len(rows) // 2].id
         done -= len(rows)
     rows = queue.claim("builder", failed, 300.0)
@@ -186,7 +186,7 @@ def main() -> None:
             for name, extra in (("status", ["status"]), ("list --state failed", ["list", "--state", "failed"]),
                                 ("show JOB", ["show", show_id])):
                 commands[f"ndif-jobs {name}{suffix}"] = ([py, "-m", "ndif_jobs", *extra], tenv)
-        for name, (cmd, cenv) in commands.items():  # warm the page cache and .pyc files
+        for cmd, cenv in commands.values():  # warm the page cache and .pyc files
             run_once(cmd, cenv, tmp)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
         names = list(commands)
@@ -204,8 +204,9 @@ def main() -> None:
             wall = statistics.median(r["wall"] for r in rs)
             cpu = statistics.median(r["cpu"] for r in rs)
             rss = statistics.median(r["rss_mib"] for r in rs)
-            ratio = statistics.median(r["wall"] / b["wall"] for r, b in zip(rs, base))
-            goal = "" if not name.startswith("ndif-jobs") else ("met" if wall < GOAL_S else f"MISSED by {wall - GOAL_S:.3f} s")
+            ratio = statistics.median(r["wall"] / b["wall"] for r, b in zip(rs, base, strict=True))
+            goal = "" if not name.startswith("ndif-jobs") else (
+                "met" if wall < GOAL_S else f"MISSED by {wall - GOAL_S:.3f} s")
             print(f"| {name} | {wall:.3f} | {cpu:.3f} | {rss:.0f} | {ratio:.1f}x | {goal} |")
         print("\nThe queries, in-process on the same file:")
         print("\n".join(query_table(home / "queue.db", show_id)))

@@ -24,8 +24,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -237,7 +238,8 @@ def main() -> None:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 base_times.append(time.perf_counter() - t)
-                full = [dict(p, **({"layers": None} if name in ("activations", "logit-lens", "patching") else {})) for p in params]
+                every_layer = {"layers": None} if name in ("activations", "logit-lens", "patching") else {}
+                full = [dict(p, **every_layer) for p in params]
                 ours.append(run_ndif_jobs(spec, name, full, args.device, work / f"home-{name}-{rep}", args.max_invokes))
             b, o = statistics.median(base_times), statistics.median(ours)
             rows.append({"experiment": name, "jobs": len(params), "plain_nnsight_s": round(b, 3),
@@ -251,7 +253,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=1))
         return
-    print(f"local backend: {args.n} experiments of each built-in on {args.model}, {device_name}, median of {args.repeats}")
+    print(f"local backend: {args.n} experiments of each built-in on {args.model}, {device_name},"
+          f" median of {args.repeats}")
     print(f"{'experiment':<14}{'jobs':>6}{'plain nnsight s':>17}{'ndif-jobs s':>13}{'speedup':>9}")
     for r in rows:
         print(f"{r['experiment']:<14}{r['jobs']:>6}{r['plain_nnsight_s']:>17.3f}{r['ndif_jobs_s']:>13.3f}{r['speedup']:>8.2f}x")

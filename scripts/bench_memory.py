@@ -42,7 +42,7 @@ def child(method: str, size_mib: int, folder: Path) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from ndif_jobs.results import ResultStore
+    from ndif_jobs.store import ResultStore
 
     base = rss_kib("VmRSS")
     big = 8

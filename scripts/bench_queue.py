@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import pickle
 import shutil
 import sqlite3
@@ -391,7 +390,8 @@ def drain_in_processes(system: System, n_workers: int, bs: int) -> tuple[float, 
     ctx = mp.get_context("fork")  # the parent holds no database connection by now
     barrier = ctx.Barrier(n_workers + 1)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(system.spec(), f"w{k}", bs, barrier, out)) for k in range(n_workers)]
+    procs = [ctx.Process(target=_worker_main, args=(system.spec(), f"w{k}", bs, barrier, out))
+             for k in range(n_workers)]
     for p in procs:
         p.start()
     barrier.wait()
@@ -474,7 +474,7 @@ def submit_many(folder: Path, n: int) -> tuple[int, float]:
     from ndif_jobs.settings import Settings
 
     service = Service(Settings(home=folder / "home"))
-    service.queue  # open (and migrate) before timing
+    _ = service.queue  # open (and migrate) before timing
     subs = [Submission(experiment="logit-lens", params={"prompt": f"{PROMPT} {i}", "top_k": 5}) for i in range(n)]
     t0 = time.perf_counter()
     out = service.submit_many(subs)

@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ndif_jobs.results import TENSOR_FILE, ResultStore  # noqa: E402
+from ndif_jobs.store import TENSOR_FILE, ResultStore  # noqa: E402
 
 _CHUNK = 16 << 20
 STORE_METHODS = ["plain write", "ndif-jobs put", "safetensors", "torch.save"]
@@ -102,7 +103,8 @@ class Target:
     def file(self) -> Path:
         if self.method == "ndif-jobs put":
             return self.store.path_for(self.key) / TENSOR_FILE
-        return self.dir / {SHA256_ONLY: "none", "plain write": "plain.bin", "safetensors": "t.safetensors", "torch.save": "t.pt"}[self.method]
+        names = {SHA256_ONLY: "none", "plain write": "plain.bin", "safetensors": "t.safetensors", "torch.save": "t.pt"}
+        return self.dir / names[self.method]
 
     def clear(self) -> None:
         if self.method == "ndif-jobs put":
@@ -146,7 +148,9 @@ class Target:
 
 # -- loads -----------------------------------------------------------------------------------
 
-LOAD_METHODS = ["plain read", "ndif-jobs get", "ndif-jobs get(verify)", "safetensors load_file", "torch.load", "torch.load(mmap)"]
+LOAD_METHODS = [
+    "plain read", "ndif-jobs get", "ndif-jobs get(verify)", "safetensors load_file", "torch.load", "torch.load(mmap)",
+]
 LOAD_SOURCE = {
     "plain read": "plain write",
     "ndif-jobs get": "ndif-jobs put",
@@ -282,12 +286,14 @@ def child_memory(method: str, size: int, count: int, root: Path) -> None:
     target.store_tensors(tensors)
     peak_after = peak_rss_bytes()
     target.clear()
-    print(json.dumps({"rss_before": before, "peak_before": peak_before, "peak_after": peak_after, "reset": reset, "bytes": nbytes_of(tensors)}))
+    print(json.dumps({"rss_before": before, "peak_before": peak_before, "peak_after": peak_after, "reset": reset,
+                      "bytes": nbytes_of(tensors)}))
 
 
 def measure_memory(method: str, size: int, count: int, root: Path) -> dict[str, int]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child-memory", method, "--size", str(size), "--tensors", str(count), "--dir", str(root)],
+        [sys.executable, __file__, "--child-memory", method, "--size", str(size), "--tensors", str(count),
+         "--dir", str(root)],
         check=True,
         capture_output=True,
         text=True,
@@ -349,9 +355,11 @@ def main() -> None:
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="bytes of float32 activations (default 1GiB)")
     ap.add_argument("--tensors", type=int, default=8, help="how many tensors (default 8)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds (default 5; medians are reported)")
-    ap.add_argument("--dir", type=Path, default=REPO / ".cache" / "bench-store", help="scratch folder (default .cache/bench-store in the repo)")
+    ap.add_argument("--dir", type=Path, default=REPO / ".cache" / "bench-store",
+                    help="scratch folder (default .cache/bench-store in the repo)")
     ap.add_argument("--quick", action="store_true", help="128 MiB and 2 rounds: a smoke run")
-    ap.add_argument("--drop-caches", action="store_true", help="also write /proc/sys/vm/drop_caches for cold loads (needs root; affects the whole machine)")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="also write /proc/sys/vm/drop_caches for cold loads (needs root; affects the whole machine)")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
@@ -371,11 +379,13 @@ def main() -> None:
     print(f"# machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}")
     print(f"# python {info['python']}, torch {info['torch']}, safetensors {info['safetensors']}")
     print(f"# dir: {root} on {filesystem(root)}; /tmp on {filesystem(Path('/tmp'))}")
-    print(f"# cold cache: posix_fadvise(DONTNEED){' + drop_caches' if drop else ''}; load average at start {os.getloadavg()}")
+    print(f"# cold cache: posix_fadvise(DONTNEED){' + drop_caches' if drop else ''};"
+          f" load average at start {os.getloadavg()}")
 
     tensors = build_tensors(args.size, args.tensors)
     size = nbytes_of(tensors)
-    print(f"# {len(tensors)} float32 tensors, {size / (1 << 20):.0f} MiB; {args.repeats} rounds after 1 warm-up; GB = 1e9 bytes")
+    print(f"# {len(tensors)} float32 tensors, {size / (1 << 20):.0f} MiB; {args.repeats} rounds after 1 warm-up;"
+          " GB = 1e9 bytes")
     timed_stores = STORE_METHODS + [SHA256_ONLY]
     targets = {m: Target(root, m) for m in timed_stores}
     raw: dict[str, Any] = {"machine": info, "bytes": size, "store": {m: [] for m in timed_stores}}
@@ -387,7 +397,7 @@ def main() -> None:
                 target = targets[method]
                 target.clear()
                 gc.collect()
-                seconds, _ = timed(lambda: target.store_tensors(tensors))
+                seconds, _ = timed(lambda target=target: target.store_tensors(tensors))
                 if r > 0:
                     raw["store"][method].append(seconds)
             print(f"  store round {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(
@@ -405,8 +415,8 @@ def main() -> None:
                     if phase == "cold":
                         make_cold(target.file(), drop)
                         resident_after_drop.append(resident_fraction(target.file()))
-                    t_load, loaded = timed(lambda: load(method, target))
-                    t_touch, _ = timed(lambda: touch(loaded))
+                    t_load, loaded = timed(lambda method=method, target=target: load(method, target))
+                    t_touch, _ = timed(lambda loaded=loaded: touch(loaded))
                     raw["load"][method][phase].append(t_load)
                     raw["load"][method][phase + "_touch"].append(t_load + t_touch)
                     del loaded
@@ -441,7 +451,7 @@ def report(raw: dict[str, Any], size: int, args: argparse.Namespace) -> None:
     for m in STORE_METHODS + [SHA256_ONLY]:
         times = store[m]
         # the same round's plain write is the baseline: median of per-round ratios
-        ratio = median([c / t for c, t in zip(ceiling, times)])
+        ratio = median([c / t for c, t in zip(ceiling, times, strict=True)])
         mem = raw.get("memory", {}).get(m) or []
         extra = [x["peak_after"] - x["rss_before"] for x in mem]
         mem_text = f"{median(extra) / (1 << 20):.0f} MiB ({median(extra) / size:.0%})" if extra else "-"
@@ -454,20 +464,21 @@ def report(raw: dict[str, Any], size: int, args: argparse.Namespace) -> None:
     base = loads["torch.load"]
     for m in LOAD_METHODS:
         d = loads[m]
-        speed = [median([b / t for b, t in zip(base[p], d[p])]) for p in ("cold_touch", "warm_touch")]
+        speed = [median([b / t for b, t in zip(base[p], d[p], strict=True)]) for p in ("cold_touch", "warm_touch")]
         print(
             f"| {m} | {median(d['cold']):.3f} | {median(d['cold_touch']):.3f} | {median(d['warm']):.3f} | "
             f"{median(d['warm_touch']):.3f} | {speed[0]:.1f}x / {speed[1]:.1f}x |"
         )
-    put_ratio = median([c / t for c, t in zip(ceiling, store["ndif-jobs put"])])
+    put_ratio = median([c / t for c, t in zip(ceiling, store["ndif-jobs put"], strict=True)])
     nd, tl = loads["ndif-jobs get"], loads["torch.load"]
     print()
     print(f"goal: put at >= 70% of the disk ceiling: {put_ratio:.0%} -> {'met' if put_ratio >= 0.7 else 'MISSED'}")
     for phase in ("cold", "warm"):
-        lazy = median([b / t for b, t in zip(tl[phase], nd[phase])])
-        full = median([b / t for b, t in zip(tl[phase + "_touch"], nd[phase + "_touch"])])
+        lazy = median([b / t for b, t in zip(tl[phase], nd[phase], strict=True)])
+        full = median([b / t for b, t in zip(tl[phase + "_touch"], nd[phase + "_touch"], strict=True)])
         print(
-            f"goal: get >= 5x faster than torch.load ({phase}): load {lazy:.0f}x -> {'met' if lazy >= 5 else 'MISSED'}; "
+            f"goal: get >= 5x faster than torch.load ({phase}): "
+            f"load {lazy:.0f}x -> {'met' if lazy >= 5 else 'MISSED'}; "
             f"load + touch {full:.1f}x -> {'met' if full >= 5 else 'MISSED'}"
         )
     print(f"# load average at end {os.getloadavg()}")

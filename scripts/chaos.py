@@ -349,7 +349,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, help="jobs to submit (default 300; quick 40)")
     parser.add_argument("--workers", type=int, default=3, help="worker processes kept running (default 3)")
     parser.add_argument("--duration", type=float, help="seconds of chaos (default 240; quick 25)")
-    parser.add_argument("--drain-timeout", type=float, help="seconds for the final clean worker (default 600; quick 60)")
+    parser.add_argument("--drain-timeout", type=float,
+                        help="seconds for the final clean worker (default 600; quick 60)")
     parser.add_argument("--max-bundle", type=int, default=8, help="jobs per bundle (default 8)")
     parser.add_argument("--lease-s", type=float, default=3.0, help="NDIF_JOBS_LEASE_S of the workers (default 3)")
     parser.add_argument("--tick-s", type=float, default=2.0, help="longest pause between chaos actions")

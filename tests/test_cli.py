@@ -111,11 +111,11 @@ def test_status_list_show_do_not_import_torch(env) -> None:  # type: ignore[no-u
     job = json.loads(run_cli("submit", "activations", "--json", "-p", "prompt=Hi", env=env, check=True).stdout)
     for args in (["status"], ["list", "--state", "failed"], ["show", job["id"]]):
         code = (
-            "import sys; sys.argv=['ndif-jobs', *%r]\n"
+            f"import sys; sys.argv=['ndif-jobs', *{args!r}]\n"
             "from ndif_jobs.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'nnsight', 'transformers', 'alembic') if m in sys.modules]\n"
-            "print('HEAVY', heavy)" % (args,)
+            "print('HEAVY', heavy)"
         )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
         assert "HEAVY []" in out, (args, out[-300:])

@@ -81,7 +81,7 @@ def test_queue_through_ndif_equals_local_in_few_requests(ndif_env, local_ndif, h
     local_env = {**ndif_env, "NDIF_JOBS_HOME": str(home.parent / "local-home")}
     local_ids = submit_all(local_env, backend="local", model="smollm2-135m")
     run_cli("worker", "--until-empty", env=local_env, check=True, timeout=600)
-    for remote_id, local_id, (name, _) in zip(ids, local_ids, JOBS):
+    for remote_id, local_id, (name, _) in zip(ids, local_ids, JOBS, strict=True):
         a, b = values(ndif_env, remote_id), values(local_env, local_id)
         assert a.keys() == b.keys()
         for field in a:

@@ -87,7 +87,7 @@ def test_every_socket_of_the_local_ndif_stack_is_on_loopback(local_ndif) -> None
     processes = stack_processes(local_ndif.root)
     names = set()
     listening, beyond_loopback = [], []
-    for pid, (part, proc) in sorted(processes.items()):
+    for _pid, (part, proc) in sorted(processes.items()):
         try:
             names.add(proc.name())
             sockets = proc.net_connections(kind="inet")

@@ -65,7 +65,7 @@ def results(embedded_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     jobs = service.submit_many(subs)
     Worker(service).run(until_empty=True)
     out: dict[str, list] = {}
-    for sub, job in zip(subs, jobs):
+    for sub, job in zip(subs, jobs, strict=True):
         row = service.job(job.id)
         assert row.state == "completed", f"{sub.experiment} job {job.id}: {row.state} {row.error}"
         out.setdefault(sub.experiment, []).append(service.load_result(job.id))
@@ -173,7 +173,7 @@ def test_several_patching_jobs_overlay_as_the_fraction_of_each_gap_restored(resu
     assert ax.get_ylabel() == "fraction of the clean − corrupted gap restored"
     jobs = [line for line in ax.get_lines() if len(line.get_xdata()) == len(FEW)]
     assert len(jobs) == len(rs)
-    for line, r in zip(jobs, rs):
+    for line, r in zip(jobs, rs, strict=True):
         assert list(line.get_ydata()) == pytest.approx(_fractions(r))
     # One clean and one corrupted level for all jobs (1 and 0), not two reference lines per job.
     levels = sorted(float(line.get_ydata()[0]) for line in ax.get_lines() if len(line.get_xdata()) == 2)
@@ -199,7 +199,7 @@ def test_many_patching_jobs_overlay_as_their_mean_and_spread(results: dict, tmp_
 def test_job_labels_cut_prompts_between_words(results: dict) -> None:
     from ndif_jobs.plots import job_labels
 
-    for label, r in zip(job_labels(results["patching"]), results["patching"]):
+    for label, r in zip(job_labels(results["patching"]), results["patching"], strict=True):
         prompt = r.job["params"]["clean_prompt"]
         shown = label[1 : label.index('"', 1)]  # the quoted prompt
         words = [w for w in shown.replace("…", " ").split() if w]

