@@ -269,18 +269,23 @@ def test_redirect_from_the_result_url_is_not_followed(fake_ndif, tmp_path) -> No
     assert job.state == "failed" and "redirect (302): not followed" in job.error, job.error
 
 
+def run_worker_traced(settings: Settings, fake: FakeNdif, status: dict[str, Any]) -> tuple[Service, str, int]:
+    """`run_worker`, measuring the peak of the memory Python allocated meanwhile (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        service, job_id, _ = run_worker(settings, fake, status)
+        return service, job_id, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_decompression_bomb_fails_the_jobs_with_memory_bounded(fake_ndif, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A 2 KiB frame that expands to 64 MiB, against a 1 MiB limit: decompression stops at the
     limit (plus its margin), the job fails with what to do, and no retry repeats it."""
     fake_ndif.blobs["bomb"] = zstandard.ZstdCompressor(level=3).compress(b"\0" * (64 * MiB))
     assert len(fake_ndif.blobs["bomb"]) < 8192
     settings = make_settings(tmp_path / "home", fake_ndif, max_result_bytes=MiB)
-    tracemalloc.start()
-    try:
-        service, job_id, log = run_worker(settings, fake_ndif, fake_ndif.completed("bomb"))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    service, job_id, peak = run_worker_traced(settings, fake_ndif, fake_ndif.completed("bomb"))
     job = service.queue.get(job_id)
     assert job.state == "failed" and job.attempts == 1, (job.state, job.error)
     assert "too large" in job.error and "NDIF_JOBS_MAX_RESULT_BYTES" in job.error, job.error
@@ -292,12 +297,7 @@ def test_decompression_bomb_fails_the_jobs_with_memory_bounded(fake_ndif, tmp_pa
 def test_oversized_download_stops_reading_past_the_limit(fake_ndif, tmp_path, declare: bool) -> None:  # type: ignore[no-untyped-def]
     fake_ndif.blobs["huge"] = stream(fake_ndif, "huge", 96 * MiB, declare)
     settings = make_settings(tmp_path / "home", fake_ndif, max_result_bytes=MiB)
-    tracemalloc.start()
-    try:
-        service, job_id, _ = run_worker(settings, fake_ndif, fake_ndif.completed("huge"))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    service, job_id, peak = run_worker_traced(settings, fake_ndif, fake_ndif.completed("huge"))
     job = service.queue.get(job_id)
     assert job.state == "failed" and "too large" in job.error, (job.state, job.error)
     assert fake_ndif.sent["huge"] < 48 * MiB, f"the worker read on to {fake_ndif.sent['huge'] / MiB:.0f} MiB"
