@@ -525,7 +525,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     """Models on NDIF (from its /status: level and state) beside the local ones."""
     from .models import EMBEDDED_NAME, embedded_gguf_path
 
-    service = _service()
+    service = _service(logs=True)  # NDIF's retries are logged, on stderr: stdout stays the answer
     settings = service.settings
     local = []
     if embedded_gguf_path() is not None:

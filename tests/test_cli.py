@@ -158,3 +158,13 @@ def test_try_an_ndif_queue_locally_first(env) -> None:  # type: ignore[no-untype
     local = json.loads(run_cli("submit", "logit-lens", "-b", "local", "-m", "example-org/huge-model-70b", "--json",
                                "-p", "prompt=The capital of France is", "-p", "layers=[29]", env=env, check=True).stdout)
     assert local["state"] == "cached"
+
+
+def test_models_json_stays_one_json_document_while_ndif_is_retried(env) -> None:  # type: ignore[no-untyped-def]
+    """The retries of an unreachable NDIF are logged on stderr: stdout is only the answer."""
+    env = {**env, "NDIF_HOST": "http://127.0.0.1:9", "NDIF_JOBS_ALLOW_HTTP_LOOPBACK": "1",
+           "NDIF_JOBS_HTTP_RETRY_MAX_S": "1"}
+    proc = run_cli("models", "--json", env=env, check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["ndif"] == [] and "cannot reach NDIF" in doc["ndif_error"]
+    assert "retrying NDIF" in proc.stderr
