@@ -6,6 +6,8 @@ Python API::
     job = ndif_jobs.submit("logit-lens", model="smollm2-135m", prompt="The capital of France is")
     result = ndif_jobs.load_result(job.id)      # after `ndif-jobs worker --until-empty`
     result = ndif_jobs.run("activations", prompt="The capital of France is", wait=True)
+    failed = ndif_jobs.jobs(state="failed", tag="night-1")   # `ndif-jobs list`'s filters
+    table = ndif_jobs.collect(sweep="landmarks-patching")     # .frame (pandas), .stack(name)
 
 Your own experiments: `experiment`, `Params` with the typed parameters `Layer`, `Layers`,
 `Position`, `Prompt`, `Token` (checked against the model at submit), and the staged API
@@ -33,7 +35,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .api import Job, load_result, run, submit
+    from .api import Job, jobs, load_result, run, submit
+    from .collection import Collection, collect
     from .experiments import Params, experiment
     from .experiments.params import Layer, Layers, Position, Prompt, Token
     from .experiments.stages import Pass, Window
@@ -46,8 +49,12 @@ _LAZY = {
     "submit": "api",
     "run": "api",
     "load_result": "api",
+    "jobs": "api",
     "Job": "api",
     "Result": "service",
+    # One table out of many jobs (a sweep, a tag): pandas loads on first use.
+    "collect": "collection",
+    "Collection": "collection",
     "experiment": "experiments",
     "Params": "experiments",
     # Typed parameters that pre-flight checks against the model (see experiments.params).
@@ -75,7 +82,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "submit", "run", "load_result", "Job", "Result", "experiment", "Params",
+    "submit", "run", "load_result", "jobs", "Job", "Result", "collect", "Collection", "experiment", "Params",
     "Layer", "Layers", "Position", "Prompt", "Token", "Pass", "Window", "PreflightWarning",
     "NdifJobsError", "BadInput", "InvalidParams", "UnknownExperiment", "UnknownModel", "JobNotFound",
     "StoreError", "ResultCorrupt", "ResultMissing", "OfflineMiss", "ExperimentError",

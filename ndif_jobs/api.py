@@ -1,4 +1,4 @@
-"""The Python API: `submit`, `run` and `load_result`.
+"""The Python API: `submit`, `run`, `load_result` and `jobs`.
 
 Each call uses the process's settings (environment and `.env`) unless given a `settings=`.
 `run` is the replay entry point for analysis scripts: the same call returns the stored result
@@ -12,16 +12,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .domain import Job as JobInfo
 from .errors import NdifJobsError, ResultMissing
 from .service import Result, Service, Submission
 from .settings import Settings
+from .states import DONE_STATES, JobState
 
 
 @dataclass(frozen=True)
 class Job:
+    """A submitted job as `submit` and `run` return it: its id, its state then, and whether it
+    joined a job already queued for the same computation."""
+
     id: str
     state: str
     joined: bool = False
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the job's state now and, while it is unfinished, how to wait for it."""
+        from .web.notebook import job_html
+
+        return job_html(self)
 
 
 def _service(settings: Settings | None) -> Service:
@@ -77,21 +88,37 @@ def run(
         return service.load_result(done.id)
     if is_offline:
         raise service.offline_miss(prepared)
-    service.require_buildable(prepared)
-    job = service.queue.enqueue([prepared.new_job])[0]
+    job = service.queue_prepared(prepared)
     if not wait:
         return Job(job.id, job.state, job.joined)
     from .worker import Worker
 
     deadline = None if timeout is None else time.time() + timeout
     while True:
-        row = service.queue.get(job.id)
-        if row.state in ("completed", "cached"):
-            return service.load_result(row.id)
-        if row.state in ("failed", "cancelled"):
-            raise NdifJobsError(f"job {row.id} {row.state}: {row.error or 'no error recorded'}")
+        found = service.job(job.id)
+        if found.state in DONE_STATES:
+            return service.load_result(found.id)
+        if found.state in (JobState.FAILED, JobState.CANCELLED):
+            raise NdifJobsError(f"job {found.id} {found.state}: {found.error or 'no error recorded'}")
         if deadline is not None and time.time() > deadline:
-            raise ResultMissing(f"job {row.id} did not finish within {timeout} s (it is {row.state})")
+            raise ResultMissing(f"job {found.id} did not finish within {timeout} s (it is {found.state})")
         Worker(service).run(until_empty=True)
-        if service.queue.get(job.id).state in ("queued", "running", "claimed"):
+        if service.job(job.id).state in (JobState.QUEUED, JobState.RUNNING, JobState.CLAIMED):
             time.sleep(service.settings.poll_s)
+
+
+def jobs(
+    *,
+    state: str | None = None,
+    tag: str | None = None,
+    experiment: str | None = None,
+    sweep: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    settings: Settings | None = None,
+) -> list[JobInfo]:
+    """Jobs matching every filter given, newest first (`ndif-jobs list`'s filters): all of them
+    unless `limit` says how many. Each a `domain.Job`: `.params` a dict, `.state`, `.error`, ..."""
+    page = _service(settings).list_jobs(state=state, tag=tag, experiment=experiment, sweep=sweep, limit=limit,
+                                        offset=offset)
+    return page.jobs

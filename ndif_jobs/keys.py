@@ -14,7 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .models import ModelRef
+    from .model_refs import ModelRef
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,7 +46,7 @@ def computation_keys(
     ref: ModelRef, experiment: str, source_hash: str, params: dict[str, Any]
 ) -> tuple[str, tuple[str, ...]]:
     """The key of running `experiment` with `params` on `ref`, and the keys earlier versions filed
-    the same computation under (they named local models by path: see `models.ModelRef.legacy`)."""
+    the same computation under (they named local models by path: see `model_refs.ModelRef.legacy`)."""
     key = cache_key(ref.model_key, ref.revision, experiment, source_hash, params)
     older = (cache_key(model_key, revision, experiment, source_hash, params) for model_key, revision in ref.legacy)
     return key, tuple(k for k in older if k != key)

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from structlog.typing import Processor
 
 _SECRET_KEYS = ("api_key", "apikey", "ndif-api-key", "password", "token", "secret")
 _secrets: set[str] = set()
@@ -31,7 +35,7 @@ def scrub(text: str) -> str:
     return text
 
 
-def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
         if any(marker in key.lower() for marker in _SECRET_KEYS):
             event_dict[key] = "***"
@@ -68,7 +72,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
             redact_secrets,
             exc_processor,
             renderer,
-            _scrub_rendered,
+            # structlog's `Processor` type names event-dict processors only; the one after the
+            # renderer is handed the rendered line.
+            cast("Processor", _scrub_rendered),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from .errors import BadInput, InvalidParams
 from .experiments.estimates import ModelShape
 from .experiments.params import LAYER, LAYERS, POSITION, PROMPT, TOKEN, Meaning, meaning_of
-from .models import EMBEDDED_NAME, ModelRef
+from .model_refs import EMBEDDED_NAME, ModelRef
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo

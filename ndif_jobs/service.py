@@ -1,6 +1,7 @@
 """The application layer: submit, look up, cancel, retry and read results.
 
-The CLI and the Python API are thin shells over `Service`; it owns the settings, the queue
+The CLI and the Python API are thin shells over `Service`: they reach the queue and the store
+through its methods alone, and get jobs as `domain.Job`s. It owns the settings, the queue
 database and the result store, and opens each only when first needed (so `status` never
 touches the result store and `results` never migrates twice).
 """
@@ -9,19 +10,22 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .db.engine import open_database
 from .db.queue import Enqueued, NewJob, Queue
+from .domain import Job
 from .errors import BadInput, OfflineMiss, ResultMissing
-from .settings import Settings, ensure_private_dir, get_settings
+from .states import BundleState, JobState
 
 if TYPE_CHECKING:
-    from .models import ModelRef
-    from .store import ResultStore
+    from .db.queue import AttemptRow, BundleRow
+    from .model_refs import ModelRef
+    from .settings import Settings
+    from .store import StoreBackend
 
 
 @dataclass
@@ -38,6 +42,35 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class JobPage:
+    """One page of a job listing: the jobs shown, and how many matched in all."""
+
+    jobs: list[Job]
+    total: int
+    offset: int = 0
+
+    @property
+    def left_out(self) -> int:
+        """Matching jobs not on this page (before or after it)."""
+        return self.total - len(self.jobs)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What `status` shows: counts per state, what waits on what, and the latest jobs."""
+
+    counts: dict[str, int]
+    latest: list[Job]
+    store_bytes: int
+    lease_expired: dict[str, int]
+    retry_waiting: int
+    next_retry_at: float | None
+    waiting_for_worker: dict[str, int]
+    held_by_gone_workers: list[dict[str, Any]]
+    at_ndif: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A validated submission with its cache key, ready to be queued."""
 
@@ -49,7 +82,11 @@ class Service:
     def __init__(self, settings: Settings | None = None, *, wait_for_database: bool = False) -> None:
         """`wait_for_database`: opening the queue database rides out an outage of up to
         `db_retry_s` (the worker), instead of failing at once (commands a person types)."""
-        self.settings = settings or get_settings()
+        if settings is None:
+            from .settings import get_settings
+
+            settings = get_settings()
+        self.settings = settings
         self.wait_for_database = wait_for_database
         if self.settings.import_modules:
             from . import experiments
@@ -58,6 +95,8 @@ class Service:
 
     @cached_property
     def queue(self) -> Queue:
+        from .read_settings import ensure_private_dir
+
         if self.settings.database_url is None:
             ensure_private_dir(self.settings.home)
         retry_s = self.settings.db_retry_s if self.wait_for_database else 0.0
@@ -65,21 +104,24 @@ class Service:
                      result_exists=lambda key: self.store.exists(key))
 
     @cached_property
-    def store(self) -> ResultStore:
-        from .store import ResultStore
+    def store(self) -> StoreBackend:
+        """The data folder's store, or an object store every machine of a shared queue reads
+        (`NDIF_JOBS_STORE_URL`), behind one interface."""
+        from .store.config import open_store
 
-        return ResultStore(ensure_private_dir(self.settings.results_dir))
+        return open_store(self.settings)
 
     # -- submitting --------------------------------------------------------------------
 
     def prepare(self, sub: Submission) -> Prepared:
         """Validate one submission completely (no database write). Raises `BadInput`."""
-        from .models import resolve_model
+        from .model_refs import resolve_model
 
         return self._prepare(sub, resolve_model)
 
     def _prepare(self, sub: Submission, resolve_model: Any) -> Prepared:
         from . import experiments, preflight
+        from .backends import REGISTRY
         from .keys import computation_keys
 
         exp = experiments.get(sub.experiment)
@@ -87,8 +129,8 @@ class Service:
             raise BadInput("params must be a JSON object of name: value")
         params = exp.validate(dict(sub.params))
         backend = sub.backend or self.settings.default_backend
-        if backend not in ("local", "ndif"):
-            raise BadInput(f"unknown backend {backend!r} (choose from: local, ndif)")
+        if backend not in REGISTRY:
+            raise BadInput(f"unknown backend {backend!r} (choose from: {', '.join(REGISTRY)})")
         spec = sub.model or self.settings.default_model
         if backend == "local":
             # Trying an NDIF queue locally first: a remote model runs as its local stand-in.
@@ -120,7 +162,7 @@ class Service:
 
     def submit_many(self, subs: Sequence[Submission]) -> list[Enqueued]:
         """Validate every submission first, then queue them all in one transaction."""
-        from .models import resolve_model
+        from .model_refs import resolve_model
 
         # Each model is resolved once per call: resolving reads package metadata (about 0.3 ms).
         resolve = functools.lru_cache(maxsize=None)(resolve_model)
@@ -144,35 +186,132 @@ class Service:
     def submit(self, sub: Submission) -> Enqueued:
         return self.submit_many([sub])[0]
 
+    def queue_prepared(self, prepared: Prepared) -> Enqueued:
+        """Queue one submission that `lookup` prepared (refused as `submit_many` would refuse it)."""
+        self.require_buildable(prepared)
+        return self.queue.enqueue([prepared.new_job])[0]
+
     # -- reading -----------------------------------------------------------------------
+
+    def job(self, ref: str) -> Job:
+        """A job by id, unique id prefix, or cache key. Raises `JobNotFound`."""
+        return Job.from_row(self.queue.get(ref))
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        tag: str | None = None,
+        experiment: str | None = None,
+        sweep: str | None = None,
+        limit: int | None = 50,
+        offset: int = 0,
+    ) -> JobPage:
+        """Jobs matching every filter given, newest first: `limit` of them (None: all) after
+        skipping `offset`, with how many matched in all."""
+        if state is not None and state not in tuple(JobState):
+            raise BadInput(f"unknown state {state!r} (choose from: {', '.join(JobState)})")
+        if limit is not None and limit < 0 or offset < 0:
+            raise BadInput("limit and offset cannot be negative")
+        rows = self.queue.list_jobs(state=state, tag=tag, experiment=experiment, sweep=sweep,
+                                    limit=None if limit is None else limit + 1, offset=offset)
+        page = [Job.from_row(r) for r in rows[:limit]]
+        # No row past the page, and the page not past the end: every matching one is counted here.
+        if (limit is None or len(rows) <= limit) and (rows or not offset):
+            total = offset + len(rows)
+        else:
+            total = self._count(state, tag, experiment, sweep)
+        return JobPage(jobs=page, total=total, offset=offset)
+
+    def _count(self, state: str | None, tag: str | None, experiment: str | None, sweep: str | None) -> int:
+        """How many jobs match, counted by the database."""
+        return self.queue.count_jobs(state=state, tag=tag, experiment=experiment, sweep=sweep)
+
+    def done_job_ids(self, *, tag: str | None = None, sweep: str | None = None) -> list[str]:
+        """The ids of the jobs with stored results, oldest first, one per cache key (the same
+        computation submitted again is served `cached` under the same key: counted once)."""
+        seen: dict[str, str] = {}
+        for row in self.queue.list_jobs(tag=tag, sweep=sweep, limit=None, newest_first=False):
+            if row.state in (JobState.COMPLETED, JobState.CACHED) and row.result_key is not None:
+                seen.setdefault(row.key, row.id)
+        return list(seen.values())
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        return self.queue.attempts_of(job_id)
+
+    def bundle(self, bundle_id: str) -> BundleRow | None:
+        return self.queue.bundle(bundle_id)
+
+    def result_location(self, job: Job) -> str | None:
+        """Where a job's result lies: its folder, or its s3:// address ("(cached here)" when this
+        machine holds a copy). Never touches the network."""
+        if job.result_key is None:
+            return None
+        from .store.config import where
+
+        return where(self.store, job.result_key)
+
+    def queued_count(self, sweep: str | None = None) -> int:
+        return self.queue.counts(sweep=sweep)[JobState.QUEUED]
+
+    def status(self, sweep: str | None = None, latest: int = 10) -> StatusReport:
+        """Counts per state (of one sweep, given its name), what waits and why, the latest jobs."""
+        queue = self.queue
+        counts = queue.counts(sweep=sweep)
+        retrying, next_retry = queue.retry_waiting()
+        return StatusReport(
+            counts=counts,
+            latest=self.list_jobs(sweep=sweep, limit=latest).jobs,
+            store_bytes=queue.stored_bytes(),
+            lease_expired=queue.lease_expired_counts(),
+            retry_waiting=retrying,
+            next_retry_at=next_retry,
+            waiting_for_worker=queue.needs_worker_counts(),
+            held_by_gone_workers=self.held_by_gone_workers(),
+            at_ndif=self.queue_remote_waiting(),
+        )
+
+    def held_by_gone_workers(self) -> list[dict[str, Any]]:
+        """Workers of this host that hold jobs though their process is gone (killed, crashed)."""
+        from . import owners
+
+        return [{"worker": owner, "where": owners.describe(owner), "jobs": held}
+                for owner, held, _until in self.queue.holders() if owners.is_gone(owner)]
 
     def queue_remote_waiting(self) -> list[dict[str, Any]]:
         """Bundles waiting at NDIF with their latest status (DEPLOYING, QUEUED, RUNNING, ...)."""
         out = []
-        for row in self.queue.bundles_in_state("submitted"):
+        for row in self.queue.bundles_in_state(BundleState.SUBMITTED):
             history = json.loads(row.status_history or "[]") or [{}]
             last = history[-1]
             out.append({"id": row.id, "jobs": row.job_count, "remote_job_id": row.remote_job_id,
                         "status": last.get("status", "SUBMITTED"), "description": last.get("description", "")})
         return out
 
-    def job(self, ref: str) -> Any:
-        return self.queue.get(ref)
+    # -- changing jobs -------------------------------------------------------------------
+
+    def cancel(self, refs: Sequence[str]) -> dict[str, str]:
+        """Cancel the jobs named (ids, prefixes or keys) that have not finished: each id with its state."""
+        return self.queue.cancel([self.queue.get(ref).id for ref in refs])
+
+    def retry(self, refs: Sequence[str]) -> dict[str, str]:
+        """Queue the jobs named again (finished, failed or cancelled): each id with its state."""
+        return self.queue.retry([self.queue.get(ref).id for ref in refs])
 
     def load_result(self, ref: str, verify: bool = False) -> Result:
-        job = self.queue.get(ref)
+        job = self.job(ref)
         if job.result_key is None:
             why = f" ({job.error})" if job.error else ""
             raise ResultMissing(f"job {job.id} has no result: it is {job.state}{why}")
         stored = self.store.get(job.result_key, verify=verify)
-        return Result(job=_job_dict(job), stored=stored)
+        return Result(job=job.to_dict(), stored=stored)
 
     def lookup(self, sub: Submission) -> tuple[Prepared, Any | None]:
         """The prepared submission and the done job that already holds its result, if any."""
         prepared = self.prepare(sub)
         for key in (prepared.new_job.key, *prepared.new_job.aliases):  # older key forms too
             done = self.queue.done_by_key(key)
-            if done is not None and self.store.exists(done.result_key):
+            if done is not None and done.result_key is not None and self.store.exists(done.result_key):
                 return prepared, done
         # A result gone from disk is not served: queueing the job again detaches that job.
         return prepared, None
@@ -199,13 +338,6 @@ def _shell(text: str) -> str:
     return shlex.quote(text)
 
 
-def _job_dict(row: Any) -> dict[str, Any]:
-    data = dict(row._mapping)
-    data["params"] = json.loads(data["params"])
-    data["tags"] = [t for t in data["tags"].strip(",").split(",") if t]
-    return data
-
-
 class Result(Mapping[str, Any]):
     """A stored result: the experiment's values (a read-only mapping), tensors, manifest, job.
 
@@ -222,7 +354,7 @@ class Result(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         return self._values[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
     def __len__(self) -> int:
@@ -233,3 +365,9 @@ class Result(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<Result {self.job['experiment']} job={self.job['id']} keys={list(self._values)}>"
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the one-glance summary, the figure and the names with their shapes."""
+        from .web.notebook import result_html
+
+        return result_html(self)

@@ -13,7 +13,6 @@ configure ndif-jobs. Even a trusted `.env` cannot set what runs code or where th
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +28,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-# Settings that choose code to import, where the API key goes, or the database whose jobs a worker
-# runs with the user's key and machine: accepted from the environment or the command line only.
-ENV_ONLY = ("NDIF_HOST", "NDIF_JOBS_IMPORTS", "NDIF_JOBS_DATABASE_URL")
+from .read_settings import ENV_ONLY, ensure_private_dir
+
+__all__ = ["ENV_ONLY", "Settings", "ensure_private_dir", "get_settings", "reset_settings_cache"]
+
 _HOW_TO_SET = "set them in the environment (NDIF_HOST=... ndif-jobs ...) or name modules with --import"
 _warned: set[str] = set()
 
@@ -133,6 +133,18 @@ class Settings(BaseSettings):
     max_submit_jobs: int = Field(
         default=100_000, ge=1, description="Most jobs one submission (a params file) may create."
     )
+    max_sweep_jobs: int = Field(default=100_000, ge=1, description="Most jobs one sweep file may expand to.")
+    store_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix: results on an S3-compatible object store that every machine of a shared"
+        " queue reads (endpoint, region, credentials the standard AWS way); default: the data folder.",
+    )
+    cache_max: str = Field(
+        default="20GiB", description="Most bytes of object-store results kept in this machine's cache (LRU out)."
+    )
+    store_local_ok: bool = Field(
+        default=False, description="Let a worker on a shared queue keep its results on this machine only."
+    )
     log_format: Literal["auto", "console", "json"] = Field(
         default="auto", description="auto: readable lines on a terminal, JSON lines otherwise."
     )
@@ -218,11 +230,3 @@ def reset_settings_cache() -> None:
     get_settings.cache_clear()
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` readable by its owner only (results may hold unpublished findings)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        os.chmod(path, 0o700)
-    except PermissionError:
-        pass
-    return path

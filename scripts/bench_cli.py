@@ -38,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-GOAL_S = 0.3
+#: Each read command's whole process within this many times a bare `python -c "import sqlite3"`.
+GOAL_RATIO = 8.0
 
 
 def build_queue(home: Path, n: int) -> str:
@@ -65,11 +66,12 @@ def build_queue(home: Path, n: int) -> str:
         rows = queue.claim("builder", min(500, done), 300.0)
         bundle = queue.start_bundle("builder", "local", rows[0].model_key, [r.id for r in rows])
         completed = [(r.id, r.key, rng.randint(10_000, 2_000_000)) for r in rows]
-        queue.finish("builder", completed=completed, bundle_id=bundle)
+        queue.complete("builder", completed)
+        queue.close_bundle(bundle)
         show_id = show_id or rows[len(rows) // 2].id
         done -= len(rows)
     rows = queue.claim("builder", failed, 300.0)
-    queue.fail_permanently("builder", [(r.id, "ValueError: layer 99 out of range") for r in rows])
+    queue.fail("builder", [(r.id, "ValueError: layer 99 out of range") for r in rows])
     queue.claim("builder", 200, 3600.0)  # some held by a worker
     dispose_engines()
     return show_id
@@ -80,8 +82,7 @@ import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
 print(c.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
 print(c.execute("SELECT * FROM jobs ORDER BY created_at DESC, id LIMIT 10").fetchall())
-print(c.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT result_key, MAX(result_bytes) AS size FROM jobs"
-                " WHERE result_key IS NOT NULL AND result_bytes IS NOT NULL GROUP BY result_key)").fetchall())
+print(c.execute("SELECT COALESCE(SUM(bytes), 0) FROM results").fetchall())
 """
 
 
@@ -124,8 +125,8 @@ def query_table(db: Path, show_id: str) -> list[str]:
         ("status: latest 10", f"SELECT {cols} FROM jobs ORDER BY created_at DESC, id LIMIT ?", (10,)),
         ("status: stored bytes", q.STORED_BYTES, ()),
         ("status: bundles at NDIF", q.BUNDLES_IN_STATE, ("submitted",)),
-        ("list --state failed", f"SELECT {cols} FROM jobs WHERE state = ? ORDER BY created_at DESC, id LIMIT ?",
-         ("failed", 50)),
+        ("list --state failed", f"SELECT {cols} FROM jobs WHERE {q._state_condition('failed')}"
+         " ORDER BY created_at DESC LIMIT ?", (50,)),
         ("show: job by id", q.JOB_BY_ID, (show_id,)),
         ("show: attempts", q.ATTEMPTS_OF, (show_id,)),
         ("show: bundle", q.BUNDLE, ("0" * 12,)),
@@ -197,17 +198,19 @@ def main() -> None:
                 results[name].append(run_once(cmd, cenv, tmp))
         base = results['python -c "import sqlite3"']
         print(f"\nCLI on a queue of {args.jobs:,} jobs: medians of {rounds} interleaved rounds "
-              f"(wall and CPU seconds, peak RSS). Goal: under {GOAL_S} s wall.")
-        print("| command | wall s | CPU s | peak RSS MiB | wall / python | goal |")
-        print("|---|---|---|---|---|---|")
+              f"(wall and CPU seconds, peak RSS; the ratios are medians of each round's). Goal: within"
+              f" {GOAL_RATIO:.0f}x the bare Python start, wall (CPU too on a busy machine).")
+        print("| command | wall s | CPU s | peak RSS MiB | wall / python | CPU / python | goal |")
+        print("|---|---|---|---|---|---|---|")
         for name, rs in results.items():
             wall = statistics.median(r["wall"] for r in rs)
             cpu = statistics.median(r["cpu"] for r in rs)
             rss = statistics.median(r["rss_mib"] for r in rs)
             ratio = statistics.median(r["wall"] / b["wall"] for r, b in zip(rs, base, strict=True))
+            cpu_ratio = statistics.median(r["cpu"] / b["cpu"] for r, b in zip(rs, base, strict=True))
             goal = "" if not name.startswith("ndif-jobs") else (
-                "met" if wall < GOAL_S else f"MISSED by {wall - GOAL_S:.3f} s")
-            print(f"| {name} | {wall:.3f} | {cpu:.3f} | {rss:.0f} | {ratio:.1f}x | {goal} |")
+                "met" if ratio <= GOAL_RATIO else f"MISSED: over {GOAL_RATIO:.0f}x")
+            print(f"| {name} | {wall:.3f} | {cpu:.3f} | {rss:.0f} | {ratio:.1f}x | {cpu_ratio:.1f}x | {goal} |")
         print("\nThe queries, in-process on the same file:")
         print("\n".join(query_table(home / "queue.db", show_id)))
         if args.importtime:

@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from ndif_jobs.models import load_local_model, local_folder, quiet_transformers, resolve_model
+    from ndif_jobs.model_refs import load_local_model, local_folder, quiet_transformers, resolve_model
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="bench-local-"))

@@ -22,7 +22,7 @@ The operations:
             ndif-jobs only; its ratio is to ndif-jobs' own `batch`.
   single    enqueue one job per call/transaction (up to M jobs or --cap seconds).
             (1-worker claim trials also stop after --cap seconds: jobs/s is what was done by then.)
-  claim bs  take a batch of bs jobs and complete it, as the worker does: `claim` then `finish`
+  claim bs  take a batch of bs jobs and complete it, as the worker does: `claim` then `complete`
             (two transactions per batch); huey: `dequeue` + `put_data` of a result per job
             (it has no batch dequeue); persist-queue: `SQLiteAckQueue.get` + `ack` per job;
             raw sqlite3: `UPDATE ... RETURNING` a batch, then an executemany completing it.
@@ -189,7 +189,7 @@ class NdifJobs(System):
             rows = queue.claim(worker, bs, 300.0)
             if not rows:
                 break
-            queue.finish(worker, completed=[(r.id, r.key, 1234) for r in rows])
+            queue.complete(worker, [(r.id, r.key, 1234) for r in rows])
             done.extend(r.id for r in rows)
         return done
 
@@ -221,7 +221,9 @@ def reset_postgres(url: str) -> None:
     dispose_engines()
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS attempts, jobs, bundles, alembic_version CASCADE"))
+        conn.execute(text(
+            "DROP TABLE IF EXISTS attempts, jobs, bundles, sweeps, results, workers, alembic_version CASCADE"
+        ))
     engine.dispose()
 
 

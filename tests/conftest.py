@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +29,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: Modules whose tests share a module fixture worth building once: one server, browser and queue
+#: (`test_web`), one worker's run over a sweep or a tag (`test_sweeps`, `test_collect`).
+SHARED_FIXTURE_MODULES = ("test_web.py", "test_sweeps.py", "test_collect.py")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`scripts/test` runs two processes with `--dist loadgroup`), tests that
-    share something outside their tmp folder run one after another in one process: every test on
-    the session's NDIF stack, the harness test with its own stack, the tests that drop and create
-    tables in the PostgreSQL database `test`, and the database-outage tests (one shared database
-    they take offline). Without xdist the marks change nothing."""
+    """Under pytest-xdist (`scripts/test` runs several processes with `--dist loadgroup`), tests
+    that share something outside their tmp folder run one after another in one process: every test
+    on the session's NDIF stack, the harness test with its own stack, the database-outage tests
+    (one shared database they take offline), and the modules whose tests share one expensive
+    module fixture (a server and browser, a worker's run). A PostgreSQL test has a database of its
+    own (`postgres_url`), so those spread freely. Without xdist the marks change nothing."""
     for item in items:
         module = item.path.name
         fixtures = getattr(item, "fixturenames", ())
@@ -45,8 +51,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             group = "ndif-stack"
         elif module == "test_db_outage.py":
             group = "db-outage"
-        elif "postgres_url" in fixtures or "postgres" in getattr(getattr(item, "callspec", None), "params", {}).values():
-            group = "postgres"  # asked for by name, or through `request.getfixturevalue` under a param
+        elif module in SHARED_FIXTURE_MODULES:
+            group = module.removesuffix(".py")
         else:
             continue
         item.add_marker(pytest.mark.xdist_group(group))
@@ -132,7 +138,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 120, what: str = 
 @pytest.fixture(scope="session")
 def embedded_folder() -> Path:
     """The embedded model, dequantized into a safetensors folder (cached across runs)."""
-    from ndif_jobs.models import local_folder, resolve_model
+    from ndif_jobs.model_refs import local_folder, resolve_model
 
     return Path(local_folder(resolve_model("smollm2-135m"), MODELS_CACHE))
 
@@ -140,7 +146,7 @@ def embedded_folder() -> Path:
 @pytest.fixture(scope="session")
 def embedded(embedded_folder: Path):  # type: ignore[no-untyped-def]
     """The embedded model as an nnsight model on the CPU, float32."""
-    from ndif_jobs.models import load_local_model, resolve_model
+    from ndif_jobs.model_refs import load_local_model, resolve_model
 
     return load_local_model(resolve_model("smollm2-135m"), MODELS_CACHE, device="cpu")
 
@@ -180,15 +186,21 @@ def tiny_llama(embedded_folder: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    """A fresh schema-less database on the real PostgreSQL server: every table dropped first."""
-    from sqlalchemy import create_engine, text
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty database of its own on the real PostgreSQL server, dropped afterwards: tests
+    that run side by side (xdist, or several checkouts on one machine) never share tables."""
+    import uuid
 
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS attempts, jobs, bundles, alembic_version CASCADE"))
-    engine.dispose()
-    return POSTGRES_URL
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"ndif_jobs_test_{uuid.uuid4().hex[:12]}"
+    admin = make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # -- the real NDIF server (scripts/ndif-local), one private stack per test session -------------------

@@ -185,7 +185,7 @@ def test_builtins_run_across_architectures(arch, request) -> None:  # type: igno
     """GPT-2 (`transformer.h`, absolute positions) and Llama (`model.layers`, rotary) alike."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ndif_jobs.models import load_local_model, resolve_model
+    from ndif_jobs.model_refs import load_local_model, resolve_model
 
     folder = request.getfixturevalue(arch)
     model = load_local_model(resolve_model(str(folder)), folder, device="cpu")

@@ -303,7 +303,7 @@ def _setup_jobs(env: dict[str, str], tmp_path: Path, tiny_llama: Path, url: str,
                 **settings: str) -> dict[str, str]:
     """Queue `n_jobs` probe jobs on `url`; returns the workers' environment."""
     (tmp_path / "outage_probe.py").write_text(PROBE)
-    env = {**env, "NDIF_JOBS_DATABASE_URL": url, "NDIF_JOBS_IMPORTS": "outage_probe", "PYTHONPATH": str(tmp_path),
+    env = {**env, "NDIF_JOBS_DATABASE_URL": url, "NDIF_JOBS_STORE_LOCAL_OK": "1", "NDIF_JOBS_IMPORTS": "outage_probe", "PYTHONPATH": str(tmp_path),
            "NDIF_JOBS_MAX_BUNDLE": "1", **settings}
     log = tmp_path / "executions.log"
     params = [{"n": i, "log": str(log), "sleep_s": sleep_s} for i in range(n_jobs)]

@@ -128,7 +128,7 @@ def test_a_job_whose_experiment_was_edited_before_it_ran_is_filed_under_the_code
 def _relocated_install(tmp_path: Path) -> Path:
     """A second install of the embedded model's package (another venv, another clone): its files
     linked from a different folder that comes first on the import path."""
-    from ndif_jobs.models import embedded_gguf_path
+    from ndif_jobs.model_refs import embedded_gguf_path
 
     package = embedded_gguf_path().parent  # found without importing the package (it needs llama.cpp)
     site = tmp_path / "other-venv" / "site-packages"
@@ -144,7 +144,7 @@ def _relocated_install(tmp_path: Path) -> Path:
 
 
 def test_the_embedded_model_is_keyed_by_what_it_is_not_where_it_is_installed(env, home, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from ndif_jobs.models import embedded_gguf_path
+    from ndif_jobs.model_refs import embedded_gguf_path
 
     done = submit(env, "logit-lens", *LENS)
     run_cli("worker", "--until-empty", env=env, check=True)
@@ -154,7 +154,7 @@ def test_the_embedded_model_is_keyed_by_what_it_is_not_where_it_is_installed(env
 
     site = _relocated_install(tmp_path)
     elsewhere = {**env, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "from ndif_jobs.models import embedded_gguf_path as p; print(p())"],
+    where = subprocess.run([sys.executable, "-c", "from ndif_jobs.model_refs import embedded_gguf_path as p; print(p())"],
                            env=elsewhere, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
     assert where.startswith(str(site))  # the second install is the one in use
     again = submit(elsewhere, "logit-lens", *LENS)
@@ -192,7 +192,7 @@ def test_results_stored_under_the_old_path_keys_are_still_found(env, home) -> No
     """A store written when the embedded model's key held its install path (`embedded:/...gguf`)."""
     from ndif_jobs import experiments
     from ndif_jobs.keys import cache_key
-    from ndif_jobs.models import embedded_gguf_path
+    from ndif_jobs.model_refs import embedded_gguf_path
     from ndif_jobs.store import ResultStore
 
     done = submit(env, "logit-lens", *LENS)

@@ -133,7 +133,7 @@ def test_typed_params_are_checked_in_process_without_torch() -> None:
         from ndif_jobs import Layer, Pass, Params, Window, experiment
         from ndif_jobs.errors import InvalidParams
         from ndif_jobs.experiments import Experiment
-        from ndif_jobs.models import resolve_model
+        from ndif_jobs.model_refs import resolve_model
         from ndif_jobs.preflight import check
         from pathlib import Path
 

@@ -35,12 +35,12 @@ def test_claim_takes_priority_then_age_and_never_twice(queue) -> None:  # type: 
     assert queue.claim("w3", limit=5, lease_s=60) == []
 
 
-def test_finish_is_idempotent_and_needs_the_lease(queue) -> None:  # type: ignore[no-untyped-def]
+def test_completing_is_idempotent_and_needs_the_lease(queue) -> None:  # type: ignore[no-untyped-def]
     (a,) = queue.enqueue([job(1)])
     queue.claim("w1", limit=1, lease_s=60)
-    assert queue.finish("w2", completed=[(a.id, "k" * 64, 10)])["completed"] == 0  # not its lease
-    assert queue.finish("w1", completed=[(a.id, "k" * 64, 10)])["completed"] == 1
-    assert queue.finish("w1", completed=[(a.id, "x" * 64, 99)])["completed"] == 0  # late duplicate
+    assert queue.complete("w2", [(a.id, "k" * 64, 10)]) == 0  # not its lease
+    assert queue.complete("w1", [(a.id, "k" * 64, 10)]) == 1
+    assert queue.complete("w1", [(a.id, "x" * 64, 99)]) == 0  # late duplicate
     row = queue.get(a.id)
     assert (row.state, row.result_key, row.result_bytes) == ("completed", "k" * 64, 10)
 
@@ -48,15 +48,15 @@ def test_finish_is_idempotent_and_needs_the_lease(queue) -> None:  # type: ignor
 def test_failure_retries_with_backoff_then_fails(queue) -> None:  # type: ignore[no-untyped-def]
     (a,) = queue.enqueue([job(1, max_attempts=2)])
     queue.claim("w", limit=1, lease_s=60)
-    assert queue.finish("w", failed=[(a.id, "boom")], retry_delay_s=30)["retried"] == 1
+    assert queue.fail("w", [(a.id, "boom")], retry_in_s=30)["retried"] == 1
     row = queue.get(a.id)
     assert row.state == "queued" and row.not_before > time.time() + 20 and row.error == "boom"
     assert queue.claim("w", limit=1, lease_s=60) == []  # not before its time
-    queue.finish("w", failed=[])
+    queue.fail("w", [], retry_in_s=0)
     with queue.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE jobs SET not_before = 0")
     queue.claim("w", limit=1, lease_s=60)
-    assert queue.finish("w", failed=[(a.id, "boom again")])["failed"] == 1
+    assert queue.fail("w", [(a.id, "boom again")], retry_in_s=0)["failed"] == 1
     assert queue.get(a.id).state == "failed"
     assert [x.outcome for x in queue.attempts_of(a.id)] == ["failed", "failed"]
 
@@ -68,13 +68,13 @@ def test_expired_lease_goes_back_to_the_queue(queue) -> None:  # type: ignore[no
     (again,) = queue.claim("w2", limit=1, lease_s=60)
     assert again.id == a.id and again.lease_owner == "w2" and again.attempts == 2
     assert queue.lease_expired_counts() == {}
-    assert queue.finish("dead-worker", completed=[(a.id, "k" * 64, 1)])["completed"] == 0
-    assert queue.finish("dead-worker", failed=[(a.id, "late")])["failed"] == 0
-    assert queue.fail_permanently("dead-worker", [(a.id, "late")]) == 0
+    assert queue.complete("dead-worker", [(a.id, "k" * 64, 1)]) == 0
+    assert queue.fail("dead-worker", [(a.id, "late")], retry_in_s=0)["failed"] == 0
+    assert queue.fail("dead-worker", [(a.id, "late")])["failed"] == 0
     # The late calls touched neither the job nor w2's attempt; the dead worker's says what happened.
     lost, current = queue.attempts_of(a.id)
     assert (lost.worker, lost.outcome, current.worker, current.outcome) == ("dead-worker", "lease expired", "w2", None)
-    assert queue.finish("w2", completed=[(a.id, "k" * 64, 1)])["completed"] == 1
+    assert queue.complete("w2", [(a.id, "k" * 64, 1)]) == 1
     assert queue.attempts_of(a.id)[1].outcome == "completed"
 
 
@@ -86,7 +86,7 @@ def test_status_sees_expired_leases_and_waiting_retries(queue) -> None:  # type:
     assert queue.waiting_count() == 3 and queue.waiting_count(backend="ndif") == 0
     (held,) = queue.claim("w", limit=1, lease_s=60)  # the claim requeues both, then takes one
     assert queue.lease_expired_counts() == {}
-    queue.finish("w", failed=[(held.id, "boom")], retry_delay_s=60)
+    queue.fail("w", [(held.id, "boom")], retry_in_s=60)
     n, first = queue.retry_waiting()
     assert n == 1 and first > time.time() + 50
 
@@ -109,7 +109,7 @@ def test_dedup_joins_queued_and_serves_completed(queue) -> None:  # type: ignore
     first, joined = queue.enqueue([job(1, key="a" * 64), job(2, key="a" * 64)])
     assert first.state == "queued" and joined.joined and joined.id == first.id
     queue.claim("w", limit=1, lease_s=60)
-    queue.finish("w", completed=[(first.id, "a" * 64, 5)])
+    queue.complete("w", [(first.id, "a" * 64, 5)])
     (cached,) = queue.enqueue([job(3, key="a" * 64)])
     assert cached.state == "cached" and cached.id != first.id
     assert queue.get(cached.id).result_key == "a" * 64
@@ -141,3 +141,22 @@ def test_batched_enqueue_of_many(queue) -> None:  # type: ignore[no-untyped-def]
     out = queue.enqueue([job(i) for i in range(2000)])
     assert len({o.id for o in out}) == 2000
     assert queue.counts()["queued"] == 2000
+
+
+def test_stored_bytes_count_each_result_once_until_gc_detaches_it(queue) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = queue.enqueue([job(1), job(2), job(3)])
+    queue.claim("w", limit=3, lease_s=60)
+    queue.complete("w", [(a.id, "r" * 64, 100), (b.id, "r" * 64, 100), (c.id, "s" * 64, 20)])
+    queue.enqueue([job(4, key=f"{1:064x}")])  # served from the store: no new bytes
+    assert queue.stored_bytes() == 120
+    assert queue.detach_results(["r" * 64], "result removed by gc") == ["r" * 64]
+    assert queue.stored_bytes() == 20
+
+
+def test_count_jobs_and_offset_agree_with_the_listed_rows(queue) -> None:  # type: ignore[no-untyped-def]
+    queue.enqueue([job(n, tags=["x"] if n % 2 else []) for n in range(7)])
+    everything = queue.list_jobs(limit=None)
+    assert queue.count_jobs() == 7 and queue.count_jobs(tag="x") == 3 and queue.count_jobs(state="failed") == 0
+    assert queue.list_jobs(limit=2, offset=3) == everything[3:5]
+    assert queue.list_jobs(limit=None, offset=5) == everything[5:]
+    assert queue.list_jobs(limit=3, offset=7) == []

@@ -10,10 +10,19 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from ndif_jobs.db.engine import SCHEMA_HEAD, alembic_config, dispose_engines, open_database
-from ndif_jobs.db.models import Base
+from ndif_jobs.db.tables import metadata
 from ndif_jobs.errors import StoreError
 
 from .conftest import run_cli
+
+
+def test_the_queues_rows_and_states_follow_the_tables() -> None:
+    from ndif_jobs.db import queue, tables
+
+    for table, row in ((tables.jobs, queue.JobRow), (tables.bundles, queue.BundleRow),
+                       (tables.attempts, queue.AttemptRow)):
+        assert tuple(table.c.keys()) == row._fields, f"queue.py's row of {table.name} differs from tables.py's"
+    assert queue.JOB_STATES == tuple(s.value for s in tables.JobState)
 
 
 def test_schema_head_constant_is_alembics_head() -> None:
@@ -26,7 +35,7 @@ def test_migrations_match_the_models(backend, tmp_path, request) -> None:  # typ
     url = f"sqlite:///{tmp_path / 'q.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     engine = open_database(url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
     dispose_engines()
     assert diff == []
 
@@ -91,4 +100,59 @@ def test_an_older_schema_is_migrated_on_open_keeping_its_jobs(tmp_path) -> None:
     from ndif_jobs.db.queue import Queue
 
     assert Queue(database).get("abc123abc123").state == "queued"
+    dispose_engines()
+
+
+_JOBS_AT_0002 = [
+    # id, key, state, lease_expires_at, result_key, result_bytes
+    ("a00000000001", "1" * 64, "queued", None, None, None),
+    ("a00000000002", "2" * 64, "claimed", 9e9, None, None),
+    ("a00000000003", "3" * 64, "completed", None, "3" * 64, 300),
+    ("a00000000004", "4" * 64, "failed", None, None, None),
+    ("a00000000005", "3" * 64, "cached", None, "3" * 64, 300),
+]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_queue_at_0002_is_upgraded_keeping_every_row_and_matches_the_tables(backend, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
+    from alembic import command
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.schema import CreateIndex
+
+    from ndif_jobs.db.queue import Queue
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        config = alembic_config(url)
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+        for job_id, key, state, lease, result_key, result_bytes in _JOBS_AT_0002:
+            conn.execute(text(
+                "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags,"
+                " created_at, updated_at, not_before, attempts, max_attempts, lease_owner, lease_expires_at,"
+                " result_key, result_bytes) VALUES (:id, :key, 'activations', 'm', 'm', 'local', '{}', :state, 0, '',"
+                " :t, :t, 0, 0, 3, :owner, :lease, :result_key, :result_bytes)"),
+                {"id": job_id, "key": key, "state": state, "t": float(job_id[-1]), "lease": lease,
+                 "owner": "w" if lease else None, "result_key": result_key, "result_bytes": result_bytes})
+        before = conn.execute(text("SELECT * FROM jobs ORDER BY id")).all()
+    engine.dispose()
+
+    database = open_database(url)
+    assert database.revision() == SCHEMA_HEAD
+    with database.engine.connect() as conn:
+        after = conn.execute(text("SELECT * FROM jobs ORDER BY id")).all()
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        if backend == "sqlite":  # alembic compares index columns, not their WHERE: compare the whole definitions
+            made = dict(conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")).all())
+            assert made == {index.name: str(CreateIndex(index).compile(conn)).strip()
+                            for table in metadata.sorted_tables for index in table.indexes}
+    assert [tuple(row)[:24] for row in after] == [tuple(row) for row in before]
+    assert all(row.sweep is None and row.sweep_row is None for row in after)
+    queue = Queue(database)
+    assert queue.counts() == {"queued": 1, "claimed": 1, "submitted": 0, "running": 0, "completed": 1, "cached": 1,
+                              "failed": 1, "cancelled": 0}
+    assert [j.id for j in queue.list_jobs(state="failed")] == ["a00000000004"]
+    assert queue.stored_bytes() == 300
+    assert [j.id for j in queue.claim("w2", limit=5, lease_s=60)] == ["a00000000001"]
     dispose_engines()

@@ -5,7 +5,6 @@ worker, and equal to plain transformers with a forward hook."""
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 
 import pytest
@@ -58,7 +57,7 @@ def test_the_readme_staged_example_runs_packed_and_matches_hooks(service, tmp_pa
         with pytest.raises(InvalidParams, match="layer 30 is out of range: the model has 30 layers"):
             service.submit(Submission("mlp-ablate", {"prompt": PROMPTS[0], "layer": 30}))
         jobs = service.submit_many([Submission("mlp-ablate", {"prompt": p, "layer": -27}) for p in PROMPTS])
-        assert [json.loads(service.job(j.id).params) for j in jobs] == [{"prompt": p, "layer": 3} for p in PROMPTS]
+        assert [service.job(j.id).params for j in jobs] == [{"prompt": p, "layer": 3} for p in PROMPTS]
         Worker(service).run(until_empty=True)
         results = [service.load_result(j.id) for j in jobs]
         (bundle,) = {service.job(j.id).bundle_id for j in jobs}  # both jobs ran in one bundle

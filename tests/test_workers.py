@@ -65,4 +65,4 @@ def test_two_workers_on_one_sqlite_file(env, tmp_path, tiny_llama) -> None:  # t
 
 @pytest.mark.slow
 def test_three_workers_on_postgresql(env, tmp_path, tiny_llama, postgres_url) -> None:  # type: ignore[no-untyped-def]
-    _drain({**env, "NDIF_JOBS_DATABASE_URL": postgres_url}, tmp_path, n_jobs=120, n_workers=3, tiny_llama=tiny_llama)
+    _drain({**env, "NDIF_JOBS_DATABASE_URL": postgres_url, "NDIF_JOBS_STORE_LOCAL_OK": "1"}, tmp_path, n_jobs=120, n_workers=3, tiny_llama=tiny_llama)

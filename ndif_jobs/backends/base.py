@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..models import ModelRef
+    from ..model_refs import ModelRef
     from ..settings import Settings
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from .. import experiments
 from ..errors import BundleTimeout
-from ..models import ModelRef, load_local_model
+from ..model_refs import ModelRef, load_local_model
 from ..settings import Settings
 from .base import Handle, JobOutcome, JobSpec, OnStatus
 

@@ -48,7 +48,7 @@ from tenacity import (
 from .. import experiments
 from ..errors import BadInput, NdifJobsError, Rejected, RemoteJobError, Transient, Unavailable
 from ..logging import get_logger, register_secret, scrub
-from ..models import ModelRef
+from ..model_refs import ModelRef
 from ..settings import Settings
 from .base import Handle, JobOutcome, JobSpec, OnStatus, Status
 
@@ -171,10 +171,11 @@ class NdifClient:
             wait=wait_random_exponential(multiplier=self.settings.retry_backoff_s / 2 or 0.01,
                                          max=self.settings.retry_backoff_max_s),
             stop=give_up if stop is None else give_up | stop_when_event_set(stop),
-            sleep=time.sleep if stop is None else stop.wait,
+            sleep=time.sleep if stop is None else _waiter(stop),
             reraise=True,
             before_sleep=lambda state: log.warning(
-                "retrying NDIF", attempt=state.attempt_number, error=str(state.outcome.exception())
+                "retrying NDIF", attempt=state.attempt_number,
+                error=str(state.outcome.exception()) if state.outcome is not None else "",
             ),
         )
 
@@ -392,7 +393,7 @@ def meta_model(ref: ModelRef) -> Any:
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoTokenizer
 
-    from ..models import quiet_transformers
+    from ..model_refs import quiet_transformers
 
     quiet_transformers()
     kwargs = {"revision": ref.revision} if ref.revision else {}
@@ -554,3 +555,12 @@ class NdifBackend:
                     raise
                 log.warning("the downloaded result was corrupt: downloading it again", attempt=attempt)
         raise Transient("unreachable")
+
+
+def _waiter(stop: threading.Event) -> Callable[[float], None]:
+    """A sleep that a set `stop` cuts short (tenacity's `sleep` takes seconds and returns nothing)."""
+
+    def wait(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return wait

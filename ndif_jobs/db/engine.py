@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StoreError
 
 if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
     from sqlalchemy import Engine
     from sqlalchemy.engine import URL, Connection
 
 #: The newest migration in `alembic/versions`; a test checks it equals alembic's head.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0004"
 #: Every revision this code can read, oldest first.
-KNOWN_REVISIONS = ("0001", "0002")
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Most idle connections a `Database` keeps for a SQLite file (one per thread that used it).
@@ -149,7 +150,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         configure_sqlite(dbapi_connection)
 
     @event.listens_for(engine, "begin")
@@ -293,6 +294,8 @@ class Database:
         raw = self.engine.raw_connection()
         try:
             dbapi = raw.driver_connection
+            if dbapi is None:  # only a connection already closed has none
+                raise StoreError(f"the connection to {self.display_url()} is closed")
             cursor = dbapi.cursor()
             sqlite = self.is_sqlite
             if sqlite and write:
@@ -380,7 +383,7 @@ def alembic_folder() -> Path:
     raise StoreError("the alembic migrations are missing from this installation of ndif-jobs")
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str) -> AlembicConfig:
     from alembic.config import Config
 
     config = Config()

@@ -14,12 +14,17 @@ and compiling SQLAlchemy statements cost more than SQLite took to run them, and 
 SQLAlchemy alone costs the CLI's read commands a tenth of a second. They are plain SQL that
 SQLite and PostgreSQL both read, with `?` placeholders (`%s` for PostgreSQL, swapped once) and
 two dialect differences: `FOR UPDATE SKIP LOCKED`, and `= ANY(array)` for a list of ids. The
-schema itself is `tables.py` and the alembic migrations; the column lists here follow it.
+schema itself is `tables.py` and the alembic migrations; the row types here follow it (a test
+checks). Most of its indexes are partial (queued jobs, held jobs, ...): a statement meant to read
+one repeats its condition (`QUEUED_ROWS`, `HELD_ROWS`, `ENDED_ROWS`), which is what lets SQLite
+use it.
 
-A job's life (see `JobState`): queued -> claimed -> running -> completed, or failed after its
-attempts are spent, or back to queued with a `not_before` time to retry. Finishing a job is
-conditional on the finishing worker still holding its lease, which makes a late or duplicate
-completion a no-op instead of a second result.
+A job's life (see `ndif_jobs.states`): queued -> claimed -> running -> completed, or failed after
+its attempts are spent, or back to queued with a `not_before` time to retry. A bundle's outcome
+is recorded by `complete`, `fail` (with a retry time or for good) and `close_bundle`, each its
+own transaction, or several as one through `in_transaction`. Each is conditional on the
+recording worker still holding the lease, which makes a late or duplicate completion a no-op
+instead of a second result.
 
 Every method that touches the database rides out a database that is briefly unreachable or
 locked by running its transaction again (`retry.py`, for up to `db_retry_s` seconds). Each is
@@ -30,46 +35,25 @@ they are a re-run (`enqueue`, `claim`, `start_bundle`) are told so. See `retry.p
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..errors import BadInput, JobNotFound, StoreError, clip_error
+from ..states import ACTIVE_STATES, DONE_STATES, HELD_STATES, LOCAL_HELD_STATES, AttemptOutcome, BundleState, JobState
 from .engine import Database
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, call_with_retry, retried
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-# The states as stored (`tables.JobState` holds the same values; importing it would import
-# SQLAlchemy). In `JobState`'s order, which `counts` keeps.
-QUEUED, CLAIMED, SUBMITTED, RUNNING = "queued", "claimed", "submitted", "running"
-COMPLETED, CACHED, FAILED, CANCELLED = "completed", "cached", "failed", "cancelled"
-JOB_STATES = (QUEUED, CLAIMED, SUBMITTED, RUNNING, COMPLETED, CACHED, FAILED, CANCELLED)
-ACTIVE_VALUES = frozenset({QUEUED, CLAIMED, SUBMITTED, RUNNING})
-DONE_VALUES = frozenset({COMPLETED, CACHED})
-#: States a job is in while some worker holds it.
-HELD_STATES = (CLAIMED, RUNNING, SUBMITTED)
-#: The outcome of an attempt whose worker died (or hung) while holding the job.
-LEASE_EXPIRED = "lease expired"
-#: Held states whose work lives only in the worker: an expired lease sends them back to the queue.
-#: A `submitted` job's work is at NDIF: another worker re-attaches to it by NDIF job id instead.
-LOCAL_HELD_STATES = (CLAIMED, RUNNING)
+# Short names for the states the statements below are written with.
+QUEUED, CLAIMED, SUBMITTED, RUNNING = JobState.QUEUED, JobState.CLAIMED, JobState.SUBMITTED, JobState.RUNNING
+COMPLETED, CACHED, FAILED, CANCELLED = JobState.COMPLETED, JobState.CACHED, JobState.FAILED, JobState.CANCELLED
+#: Every job state's text, in `JobState`'s order (which `counts` keeps).
+JOB_STATES: tuple[str, ...] = tuple(s.value for s in JobState)
 
-#: The columns of each table, in `tables.py`'s order (checked when `tables` is loaded).
-JOB_COLUMNS = (
-    "id", "key", "experiment", "model", "model_key", "backend", "params", "state", "priority", "tags",
-    "created_at", "updated_at", "started_at", "finished_at", "not_before", "lease_owner", "lease_expires_at",
-    "attempts", "max_attempts", "error", "bundle_id", "result_key", "result_bytes", "estimated_bytes",
-)
-BUNDLE_COLUMNS = (
-    "id", "backend", "model_key", "state", "worker", "remote_job_id", "status_history", "job_count",
-    "created_at", "submitted_at", "finished_at", "deadline", "payload_bytes", "result_bytes", "error",
-)
-ATTEMPT_COLUMNS = ("id", "job_id", "bundle_id", "number", "worker", "started_at", "finished_at", "outcome", "error")
 
 
 def now() -> float:
@@ -87,6 +71,8 @@ def _clip_errors(failed: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def new_id() -> str:
     """A short, typeable job or bundle id (48 random bits; `show` accepts a unique prefix)."""
+    import secrets  # only submitting and claiming need it: the read commands start without it
+
     return secrets.token_hex(6)
 
 
@@ -119,6 +105,9 @@ class NewJob:
     id: str = field(default_factory=new_id)
     #: Keys earlier versions filed this same computation under: a result there is found too.
     aliases: tuple[str, ...] = ()
+    #: The sweep this job is one row of (its name), and which row.
+    sweep: str | None = None
+    sweep_row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,48 +147,106 @@ class Runnable:
 # -- rows ------------------------------------------------------------------------------------
 
 
-class _Row:
-    """What SQLAlchemy's `Row` offers beyond a named tuple, for code written against it."""
+class JobRow(NamedTuple):
+    """A row of `jobs`: fields by name (`row.state`) or position, and `row._mapping`."""
 
-    __slots__ = ()
-    _fields: tuple[str, ...]
+    id: str
+    key: str
+    experiment: str
+    model: str
+    model_key: str
+    backend: str
+    params: str
+    state: str
+    priority: int
+    tags: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    not_before: float
+    lease_owner: str | None
+    lease_expires_at: float | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    bundle_id: str | None
+    result_key: str | None
+    result_bytes: int | None
+    estimated_bytes: int | None
+    sweep: str | None
+    sweep_row: int | None
 
     @property
     def _mapping(self) -> dict[str, Any]:
-        return dict(zip(self._fields, self, strict=True))
+        """The row as a dict, as SQLAlchemy's `Row._mapping` gives it."""
+        return self._asdict()
+
+
+class BundleRow(NamedTuple):
+    """A row of `bundles`: one request to a backend, with its jobs' common model."""
+
+    id: str
+    backend: str
+    model_key: str
+    state: str
+    worker: str | None
+    remote_job_id: str | None
+    status_history: str
+    job_count: int
+    created_at: float
+    submitted_at: float | None
+    finished_at: float | None
+    deadline: float | None
+    payload_bytes: int | None
+    result_bytes: int | None
+    error: str | None
 
     @property
-    def _t(self) -> tuple[Any, ...]:
-        return tuple(self)
-
-    def _tuple(self) -> tuple[Any, ...]:
-        return tuple(self)
+    def _mapping(self) -> dict[str, Any]:
+        return self._asdict()
 
 
-class JobRow(_Row, namedtuple("JobRow", JOB_COLUMNS)):  # type: ignore[misc]
-    """A row of `jobs`: fields by name (`row.state`) or position, and `row._mapping`."""
+class AttemptRow(NamedTuple):
+    """A row of `attempts`: one worker's go at a job, and how it ended."""
 
-    __slots__ = ()
+    id: int
+    job_id: str
+    bundle_id: str | None
+    number: int
+    worker: str | None
+    started_at: float
+    finished_at: float | None
+    outcome: str | None
+    error: str | None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return self._asdict()
 
 
-class BundleRow(_Row, namedtuple("BundleRow", BUNDLE_COLUMNS)):  # type: ignore[misc]
-    __slots__ = ()
-
-
-class AttemptRow(_Row, namedtuple("AttemptRow", ATTEMPT_COLUMNS)):  # type: ignore[misc]
-    __slots__ = ()
-
+#: The columns of each table, in `tables.py`'s order (a test checks them against it).
+JOB_COLUMNS: tuple[str, ...] = JobRow._fields
+BUNDLE_COLUMNS: tuple[str, ...] = BundleRow._fields
+ATTEMPT_COLUMNS: tuple[str, ...] = AttemptRow._fields
 
 _job_row = JobRow._make
 # `json.dumps(params, sort_keys=True)`, without building a new encoder for every job.
 _params_json = json.JSONEncoder(sort_keys=True).encode
-_EXISTING = namedtuple("_EXISTING", ("id", "key", "state", "result_key"))
 
 
-def _standing_for(job: NewJob, existing: dict[str, Any]) -> Any:
+class _Existing(NamedTuple):
+    id: str
+    key: str
+    state: str
+    result_key: str | None
+
+
+
+def _standing_for(job: NewJob, existing: dict[str, _Existing]) -> _Existing | None:
     """The job that stands for `job`'s computation, under its key or an older one: a done one first."""
     found = [existing[k] for k in (job.key, *job.aliases) if k in existing]
-    return next((row for row in found if row.state in DONE_VALUES), found[0] if found else None)
+    return next((row for row in found if row.state in DONE_STATES), found[0] if found else None)
 
 
 # -- the statements --------------------------------------------------------------------------
@@ -210,15 +257,33 @@ def _q(names: Iterable[str]) -> str:
 
 
 _JOBS = _q(JOB_COLUMNS)
-_HELD = f"state IN ('{CLAIMED}', '{RUNNING}', '{SUBMITTED}')"
-_LOCAL_HELD = f"state IN ('{CLAIMED}', '{RUNNING}')"
-_ACTIVE_SQL = ", ".join(f"'{s}'" for s in (QUEUED, CLAIMED, SUBMITTED, RUNNING))
-_DONE_SQL = f"'{COMPLETED}', '{CACHED}'"
+def _sql_list(states: Iterable[str]) -> str:
+    """States as a SQL list of literals, in `JobState`'s order (so each statement is one text)."""
+    wanted = set(states)
+    return ", ".join(f"'{s}'" for s in JobState if s in wanted)
+
+
+# The conditions of the partial indexes (`tables.py`). SQLite uses a partial index only for a
+# query whose WHERE repeats its condition word for word, so the statements below use these.
+#: Queued jobs (`ix_jobs_claim`).
+QUEUED_ROWS = f"state = '{QUEUED}'"
+#: Jobs some worker holds on a lease (`ix_jobs_lease`).
+HELD_ROWS = f"state IN ({_sql_list(HELD_STATES)})"
+#: Jobs that ended without running: served from the store, failed, cancelled (`ix_jobs_ended`).
+ENDED_ROWS = f"state IN ({_sql_list((CACHED, FAILED, CANCELLED))})"
+
+_HELD = HELD_ROWS
+# Held jobs of one kind, each condition led by the lease index's own.
+_LOCAL_HELD = f"{HELD_ROWS} AND state IN ({_sql_list(LOCAL_HELD_STATES)})"
+_HELD_RUNNING = f"{HELD_ROWS} AND state = '{RUNNING}'"
+HELD_AT_REMOTE = f"{HELD_ROWS} AND state = '{SUBMITTED}'"
+_ACTIVE_SQL = _sql_list(ACTIVE_STATES)
+_DONE_SQL = _sql_list(DONE_STATES)
 
 _INSERT_COLUMNS = (
     "id", "key", "experiment", "model", "model_key", "backend", "params", "state", "priority", "tags",
     "created_at", "updated_at", "finished_at", "not_before", "attempts", "max_attempts", "result_key",
-    "estimated_bytes",
+    "estimated_bytes", "sweep", "sweep_row",
 )
 INSERT_JOB = f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
 # Every job of the given keys; `_existing_by_key` keeps those that stand for their key. (Filtering
@@ -230,7 +295,7 @@ REQUEUE_EXPIRED = (
 )
 #: The attempt a dead worker left open, closed when its job is requeued or re-attached.
 LOSE_ATTEMPTS = (
-    f"UPDATE attempts SET finished_at = ?, outcome = '{LEASE_EXPIRED}',"
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.LEASE_EXPIRED}',"
     " error = 'its worker stopped renewing the lease (it died or hung)' WHERE job_id {ids} AND finished_at IS NULL"
 )
 # One statement takes the jobs and returns them: highest priority, then oldest, first.
@@ -243,7 +308,8 @@ CLAIM = (
 # A re-run claim takes over what an earlier run of it claimed unseen: the jobs leased to this
 # worker at exactly that run's time (nothing else gives them that `updated_at`), on a fresh lease.
 ADOPT_CLAIMED = (
-    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE state = '{CLAIMED}' AND lease_owner = ?"
+    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE {HELD_ROWS} AND state = '{CLAIMED}'"
+    " AND lease_owner = ?"
     f" AND updated_at {{times}} RETURNING {_JOBS}"
 )
 INSERT_ATTEMPT = "INSERT INTO attempts (job_id, number, worker, started_at) VALUES (?, ?, ?, ?)"
@@ -283,7 +349,7 @@ RELEASE = (
     f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_LOCAL_HELD}{{ids}}"
 )
 RELEASE_ATTEMPTS = (
-    "UPDATE attempts SET finished_at = ?, outcome = 'released' WHERE job_id IN"
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.RELEASED}' WHERE job_id IN"
     f" (SELECT id FROM jobs WHERE state = '{QUEUED}' AND updated_at = ?) AND finished_at IS NULL AND worker = ?"
 )
 # Back to the queue for a while with no attempt spent: the backend, not the job, was at fault.
@@ -293,7 +359,7 @@ DEFER = (
     f" AND {_LOCAL_HELD}"
 )
 DEFER_ATTEMPTS = (
-    "UPDATE attempts SET finished_at = ?, outcome = 'deferred', error = ?"
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.DEFERRED}', error = ?"
     " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
 )
 STATE_OF = "SELECT state FROM jobs WHERE id = ?"
@@ -305,8 +371,6 @@ REQUEUE = (
     f"UPDATE jobs SET state = '{QUEUED}', attempts = 0, not_before = 0.0, error = NULL, finished_at = NULL,"
     " result_key = NULL, result_bytes = NULL, bundle_id = NULL, updated_at = ? WHERE id = ?"
 )
-#: The outcome of the history entry a re-keyed job gets (see `Queue.rekey`).
-REKEYED = "re-keyed"
 # Only while the job is still this worker's, and only once: a re-run finds the key already moved.
 REKEY = (
     f'UPDATE jobs SET "key" = ?, model_key = ?, updated_at = ? WHERE id = ? AND lease_owner = ? AND {_HELD}'
@@ -314,7 +378,7 @@ REKEY = (
 )
 NOTE_REKEYED = (
     "INSERT INTO attempts (job_id, bundle_id, number, worker, started_at, finished_at, outcome, error)"
-    f" SELECT id, bundle_id, attempts, ?, ?, ?, '{REKEYED}', ? FROM jobs WHERE id = ?"
+    f" SELECT id, bundle_id, attempts, ?, ?, ?, '{AttemptOutcome.REKEYED}', ? FROM jobs WHERE id = ?"
 )
 # Queued jobs of the keys a bundle runs join it: the computation runs once for all of them.
 JOIN_BUNDLE = (
@@ -325,12 +389,23 @@ JOIN_BUNDLE = (
 JOINED_ATTEMPTS = (
     "INSERT INTO attempts (job_id, bundle_id, number, worker, started_at)"
     f" SELECT j.id, j.bundle_id, j.attempts, j.lease_owner, ? FROM jobs j WHERE j.bundle_id = ? AND j.lease_owner = ?"
-    f" AND j.state = '{RUNNING}' AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id"
+    f" AND j.{HELD_ROWS} AND j.state = '{RUNNING}' AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id"
     " AND a.worker = j.lease_owner AND a.finished_at IS NULL)"
 )
-BUNDLE_JOBS = f"SELECT {_JOBS} FROM jobs WHERE bundle_id = ? AND lease_owner = ? AND state = '{RUNNING}'"
-COUNT_BUNDLE_JOBS = "UPDATE bundles SET job_count = (SELECT count(*) FROM jobs WHERE bundle_id = ?) WHERE id = ?"
-COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
+BUNDLE_JOBS = f"SELECT {_JOBS} FROM jobs WHERE bundle_id = ? AND lease_owner = ? AND {_HELD_RUNNING}"
+COUNT_BUNDLE_JOBS = (
+    f"UPDATE bundles SET job_count = (SELECT count(*) FROM jobs WHERE {HELD_ROWS} AND bundle_id = ?) WHERE id = ?"
+)
+# Jobs per state without a pass over every row: the states few jobs are in, each from its partial
+# index, and all jobs from the narrowest full index; `completed` is the rest. One statement, so
+# one snapshot: the parts add up.
+COUNTS = (
+    "SELECT NULL, count(*) FROM jobs"
+    f" UNION ALL SELECT '{QUEUED}', count(*) FROM jobs WHERE {QUEUED_ROWS}"
+    f" UNION ALL SELECT state, count(*) FROM jobs WHERE {HELD_ROWS} GROUP BY state"
+    f" UNION ALL SELECT state, count(*) FROM jobs WHERE {ENDED_ROWS} GROUP BY state"
+)
+SWEEP_COUNTS = "SELECT state, count(*) FROM jobs WHERE sweep = ? GROUP BY state"
 JOB_BY_ID = f"SELECT {_JOBS} FROM jobs WHERE id = ?"
 JOB_BY_KEY = (
     f'SELECT {_JOBS} FROM jobs WHERE "key" = ? ORDER BY state IN ({_DONE_SQL}) DESC, created_at DESC LIMIT 1'
@@ -346,11 +421,21 @@ DONE_BY_KEY = (
 ATTEMPTS_OF = f"SELECT {_q(ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = ? ORDER BY number, id"
 BUNDLE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE id = ?"
 BUNDLES_IN_STATE = f"SELECT {_q(BUNDLE_COLUMNS)} FROM bundles WHERE state = ? ORDER BY created_at"
-STORED_BYTES = (
-    "SELECT COALESCE(SUM(size), 0) FROM (SELECT result_key, MAX(result_bytes) AS size FROM jobs"
-    " WHERE result_key IS NOT NULL AND result_bytes IS NOT NULL GROUP BY result_key) AS per_key"
+STORED_BYTES = "SELECT COALESCE(SUM(bytes), 0) FROM results"
+#: A result just stored, with its size (the latest size of a result stored again under its key).
+RECORD_RESULT = (
+    "INSERT INTO results (result_key, bytes) VALUES (?, ?)"
+    " ON CONFLICT (result_key) DO UPDATE SET bytes = excluded.bytes"
 )
-RESULT_KEYS = "SELECT result_key, state FROM jobs WHERE result_key IS NOT NULL"
+FORGET_RESULTS = "DELETE FROM results WHERE result_key {keys}"
+# What `verify` and `gc` read: the jobs that hold a result, and those that still need their key's.
+JOBS_WITH_RESULTS = f"SELECT {_JOBS} FROM jobs WHERE result_key IS NOT NULL AND state IN ({_DONE_SQL})"
+RESULT_REFERENCES = (
+    f"SELECT {_JOBS} FROM jobs WHERE state IN ({_ACTIVE_SQL}) OR result_key IS NOT NULL ORDER BY created_at"
+)
+ACTIVE_KEYS = f'SELECT DISTINCT "key" FROM jobs WHERE "key" {{keys}} AND state IN ({_ACTIVE_SQL})'
+DONE_RESULT_KEYS = f"SELECT DISTINCT result_key FROM jobs WHERE result_key {{keys}} AND state IN ({_DONE_SQL})"
+DETACH_RESULTS = "UPDATE jobs SET result_key = NULL, error = ?, updated_at = ? WHERE result_key {keys}"
 DETACH_MISSING = (
     "UPDATE jobs SET result_key = NULL, error = 'result missing from the store', updated_at = ?"
     f" WHERE result_key {{keys}} AND state IN ({_DONE_SQL})"
@@ -361,7 +446,10 @@ RETRY_WAITING = (
     f"SELECT count(*), MIN(not_before) FROM jobs WHERE state = '{QUEUED}' AND not_before > ? AND error IS NOT NULL"
 )
 # What a worker could still take or wait for: queued, held, or at NDIF (those it can run).
-WAITING = "SELECT count(*) FROM jobs WHERE state IN ({states}){runnable}"
+WAITING = (
+    f"SELECT (SELECT count(*) FROM jobs WHERE {QUEUED_ROWS}{{runnable}})"
+    " + (SELECT count(*) FROM jobs WHERE {held}{runnable})"
+)
 #: The start of the note on queued jobs that the workers seen so far cannot run (see `note_unrunnable`).
 NEEDS_WORKER = "waiting for a worker that can run"
 # Queued jobs a worker cannot run, by what it lacks, and how many already say so. (The LIKE
@@ -380,11 +468,9 @@ NEEDS_WORKER_COUNTS = (
 )
 # Who holds jobs now, and until when (a range probe of `ix_jobs_lease`, as few rows as jobs held).
 HOLDERS = (
-    "SELECT lease_owner, count(*), MAX(lease_expires_at) FROM jobs WHERE state IN ({states}){runnable}"
+    "SELECT lease_owner, count(*), MAX(lease_expires_at) FROM jobs WHERE {held}{runnable}"
     " AND lease_owner IS NOT NULL GROUP BY lease_owner"
 )
-#: The outcome of an attempt whose worker's process was found gone on its host.
-WORKER_GONE = "worker gone"
 # A gone worker's jobs: back to the queue at once, the attempt it spent given back (it was not
 # the job's fault); its jobs at NDIF get their lease ended, so the next worker re-attaches now.
 TAKE_BACK = (
@@ -392,18 +478,18 @@ TAKE_BACK = (
     f" attempts = {{max}}(attempts - 1, 0), updated_at = ? WHERE lease_owner = ? AND {_LOCAL_HELD} RETURNING id"
 )
 TAKE_BACK_ATTEMPTS = (
-    f"UPDATE attempts SET finished_at = ?, outcome = '{WORKER_GONE}', error = ?"
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.WORKER_GONE}', error = ?"
     " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
 )
 END_LEASES_AT_NDIF = (
-    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE lease_owner = ? AND state = '{SUBMITTED}'"
+    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE lease_owner = ? AND {HELD_AT_REMOTE}"
 )
 #: A job taken back from gone workers as often as it may be attempted is what stops them (killed
 #: for memory, say): it fails rather than stopping every worker that takes it.
 FAIL_WORKER_KILLERS = (
     f"UPDATE jobs SET state = '{FAILED}', finished_at = ?, updated_at = ?, error = ?"
     f" WHERE id {{ids}} AND state = '{QUEUED}' AND max_attempts <= (SELECT COUNT(*) FROM attempts"
-    f" WHERE attempts.job_id = jobs.id AND attempts.outcome = '{WORKER_GONE}') RETURNING id"
+    f" WHERE attempts.job_id = jobs.id AND attempts.outcome = '{AttemptOutcome.WORKER_GONE}') RETURNING id"
 )
 KILLED_WORKERS_ERROR = (
     "its worker's process died every time it ran this job, as many times as it may be attempted (killed"
@@ -411,14 +497,47 @@ KILLED_WORKERS_ERROR = (
     " the experiment, then `ndif-jobs retry` it"
 )
 ABANDON_BUNDLES = (
-    "UPDATE bundles SET state = 'abandoned', finished_at = ?, error = ? WHERE worker = ? AND state = 'running'"
+    f"UPDATE bundles SET state = '{BundleState.ABANDONED}', finished_at = ?, error = ? WHERE worker = ?"
+    f" AND state = '{BundleState.RUNNING}'"
 )
 
 #: Most values bound in one `IN (...)` on SQLite (its limit is 32766; smaller lists plan faster).
 _CHUNK = 500
 
 
-class _Sql:
+def _state_condition(state: str) -> str:
+    """`state = 'X'` for a known state, led by the condition of the partial index that holds it
+    (so `list --state failed` reads that index, not the table). Raises `BadInput` otherwise."""
+    if state not in JOB_STATES:
+        raise BadInput(f"unknown state {state!r} (choose from: {', '.join(JOB_STATES)})")
+    if state in HELD_STATES:
+        return f"{HELD_ROWS} AND state = '{state}'"
+    if state in (CACHED, FAILED, CANCELLED):
+        return f"{ENDED_ROWS} AND state = '{state}'"
+    return f"state = '{state}'"
+
+
+def _job_filter(
+    state: str | None, tag: str | None, experiment: str | None, sweep: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space; "" for no filter) of `list_jobs` and `count_jobs`."""
+    where: list[str] = []
+    params: list[Any] = []
+    if sweep is not None:
+        where.append("sweep = ?")
+        params.append(sweep)
+    if state:
+        where.append(_state_condition(state))
+    if tag:
+        where.append("tags LIKE ? ESCAPE '\\'")
+        params.append(f"%,{_like_literal(tag)},%")
+    if experiment:
+        where.append("experiment = ?")
+        params.append(experiment)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+class Dialect:
     """The statements for one dialect: placeholders, and the few spellings that differ."""
 
     def __init__(self, dialect: str) -> None:
@@ -469,6 +588,64 @@ class _Sql:
             yield values[start : start + self.chunk]
 
 
+T = TypeVar("T")
+
+
+class Outcomes:
+    """What a worker records when a bundle ends, on one open write transaction at one time.
+
+    Only jobs still leased to the recording worker are touched, so a late or repeated call
+    (a worker that lost its lease, a re-run after a lost COMMIT) changes nothing."""
+
+    def __init__(self, cur: Any, sql: Dialect, t: float) -> None:
+        self._cur = cur
+        self._sql = sql
+        self._t = t
+
+    def complete(self, worker: str, completed: Sequence[tuple[str, str, int]]) -> int:
+        """Mark jobs completed, each as (job id, result key, result bytes). Returns how many."""
+        if not completed:
+            return 0
+        t, cur = self._t, self._cur
+        cur.executemany(self._sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
+        done = max(cur.rowcount, 0)
+        # The worker stored each result before this, whether or not it still holds the job.
+        cur.executemany(self._sql(RECORD_RESULT), [(k, b) for _, k, b in completed if b is not None])
+        cur.executemany(
+            self._sql(CLOSE_ATTEMPTS), [(t, AttemptOutcome.COMPLETED, None, j, worker) for j, _, _ in completed]
+        )
+        return done
+
+    def fail(self, worker: str, failed: Sequence[tuple[str, str]], retry_in_s: float | None = None) -> dict[str, int]:
+        """Fail jobs, each as (job id, error). With `retry_in_s`, a job with attempts left goes back
+        to the queue for that long instead; without, every one fails for good (an error no second
+        attempt can fix: bad params, bad code). Returns how many were retried and failed."""
+        t, cur, sql = self._t, self._cur, self._sql
+        counts = {"retried": 0, "failed": 0}
+        for job_id, error in _clip_errors(failed):
+            if retry_in_s is None:
+                cur.execute(sql(FAIL_HELD), (error, t, t, job_id, worker))
+                counts["failed"] += max(cur.rowcount, 0)
+            else:
+                cur.execute(sql(HELD_ATTEMPTS), (job_id, worker))
+                row = cur.fetchone()
+                if row is None:
+                    continue
+                if row[0] < row[1]:
+                    cur.execute(sql(RETRY_LATER), (t + retry_in_s, error, t, job_id))
+                    counts["retried"] += 1
+                else:
+                    cur.execute(sql(FAIL), (t, error, t, job_id))
+                    counts["failed"] += 1
+            cur.execute(sql(CLOSE_ATTEMPTS), (t, AttemptOutcome.FAILED, error, job_id, worker))
+        return counts
+
+    def close_bundle(self, bundle_id: str, error: str | None = None) -> None:
+        """Close a bundle: completed, or failed with `error`."""
+        state = BundleState.FAILED if error else BundleState.COMPLETED
+        self._cur.execute(self._sql(FINISH_BUNDLE), (state, self._t, clip_error(error) if error else None, bundle_id))
+
+
 class Queue:
     def __init__(
         self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S,
@@ -482,7 +659,7 @@ class Queue:
         self.db_retry_s = db_retry_s
         self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
         self.is_postgres = self.db.dialect_name == "postgresql"
-        self._sql = _Sql(self.db.dialect_name)
+        self._sql = Dialect(self.db.dialect_name)
 
     # -- submitting ------------------------------------------------------------------
 
@@ -518,17 +695,20 @@ class Queue:
                         seen_in_batch[job.key] = entry
                     continue
                 created = t + i * 1e-6  # keeps a batch's order in the claim order (oldest first)
-                hit = None if job.force else (seen_in_batch.get(job.key) or _standing_for(job, existing))
-                if hit is not None and hit.state in ACTIVE_VALUES:
+                hit: Enqueued | _Existing | None = None
+                if not job.force:
+                    hit = seen_in_batch.get(job.key) or _standing_for(job, existing)
+                if hit is not None and hit.state in ACTIVE_STATES:
                     out.append(Enqueued(hit.id, hit.state, joined=True))
                     continue
                 state, result_key, finished = QUEUED, None, None
-                if hit is not None and hit.state in DONE_VALUES:
+                if isinstance(hit, _Existing) and hit.state in DONE_STATES:
                     state, result_key, finished = CACHED, hit.result_key, t
                 rows.append((
                     job.id, job.key, job.experiment, job.model, job.model_key, job.backend,
                     dumps(job.params), state, job.priority, encode_tags(job.tags),
                     created, created, finished, 0.0, 0, job.max_attempts, result_key, job.estimated_bytes,
+                    job.sweep, job.sweep_row,
                 ))
                 entry = Enqueued(job.id, state)
                 out.append(entry)
@@ -546,35 +726,36 @@ class Queue:
             found.update((job_id, state) for job_id, state in cur.fetchall())
         return found
 
-    def _existing_by_key(self, cur: Any, keys: set[str]) -> dict[str, Any]:
+    def _existing_by_key(self, cur: Any, keys: set[str]) -> dict[str, _Existing]:
         """For each key, the job that best stands for it: a done one first, then an active one.
 
         A done job whose result is no longer on disk (deleted by hand, or lost) stands for
         nothing: it is detached, so that the submission runs again rather than point at nothing.
         """
-        found: dict[str, Any] = {}
+        found: dict[str, _Existing] = {}
         on_disk: dict[str, bool] = {}
         keys_list = list(keys)
         for chunk in self._sql.chunks(keys_list):
             in_sql, params = self._sql.in_(chunk)
             cur.execute(self._sql(EXISTING_BY_KEY, keys=in_sql), params)
             for row in cur.fetchall():
-                row = _EXISTING._make(row)
+                row = _Existing._make(row)
                 # A live job, or a done one with its result (gc may have removed it since).
-                if row.state not in ACTIVE_VALUES and (row.state not in DONE_VALUES or row.result_key is None):
+                if row.state not in ACTIVE_STATES and (row.state not in DONE_STATES or row.result_key is None):
                     continue
-                if row.state in DONE_VALUES and self.result_exists is not None:
+                if row.state in DONE_STATES and row.result_key is not None and self.result_exists is not None:
                     if row.result_key not in on_disk:
                         on_disk[row.result_key] = self.result_exists(row.result_key)
                     if not on_disk[row.result_key]:
                         continue
                 best = found.get(row.key)
-                if best is None or (row.state in DONE_VALUES and best.state not in DONE_VALUES):
+                if best is None or (row.state in DONE_STATES and best.state not in DONE_STATES):
                     found[row.key] = row
         gone = [key for key, there in on_disk.items() if not there]
         for chunk in self._sql.chunks(gone):
             in_sql, params = self._sql.in_(chunk)
             cur.execute(self._sql(DETACH_MISSING, keys=in_sql), [now(), *params])
+            cur.execute(self._sql(FORGET_RESULTS, keys=in_sql), params)
         return found
 
     # -- claiming and finishing (the worker's side) ---------------------------------------
@@ -666,70 +847,43 @@ class Queue:
                 cur.execute(self._sql(BUNDLE_OF_WORKER), (bundle_id, worker))
                 exists = cur.fetchone() is not None
             if not exists:
-                cur.execute(
-                    self._sql(INSERT_BUNDLE), (bundle_id, backend, model_key, "running", worker, len(job_ids), t)
-                )
+                cur.execute(self._sql(INSERT_BUNDLE),
+                            (bundle_id, backend, model_key, BundleState.RUNNING, worker, len(job_ids), t))
             for chunk in self._sql.chunks(list(job_ids)):
                 in_sql, ids = self._sql.in_(chunk)
                 cur.execute(self._sql(START_JOBS, ids=in_sql), [bundle_id, t, *ids, worker])
                 cur.execute(self._sql(START_ATTEMPTS, ids=in_sql), [bundle_id, *ids])
 
-    @retried
-    def finish(
-        self,
-        worker: str,
-        completed: Sequence[tuple[str, str, int]] = (),
-        failed: Sequence[tuple[str, str]] = (),
-        bundle_id: str | None = None,
-        bundle_error: str | None = None,
-        retry_delay_s: float = 0.0,
-    ) -> dict[str, int]:
-        """Record a bundle's outcome in one transaction.
-
-        `completed` holds (job id, result key, result bytes); `failed` holds (job id, error).
-        A failed job with attempts left goes back to the queue after `retry_delay_s`; only jobs
-        still leased to `worker` are touched, so a late or repeated call changes nothing.
-        Returns how many jobs were completed, retried and failed.
-        """
-        t = now()
-        counts = {"completed": 0, "retried": 0, "failed": 0}
-        sql = self._sql
-        failed = _clip_errors(failed)
-        bundle_error = clip_error(bundle_error) if bundle_error else bundle_error
-        with self.db.cursor(write=True) as cur:
-            if completed:
-                cur.executemany(sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
-                counts["completed"] = max(cur.rowcount, 0)
-                cur.executemany(sql(CLOSE_ATTEMPTS), [(t, "completed", None, j, worker) for j, _, _ in completed])
-            for job_id, error in failed:
-                cur.execute(sql(HELD_ATTEMPTS), (job_id, worker))
-                row = cur.fetchone()
-                if row is None:
-                    continue
-                if row[0] < row[1] and retry_delay_s >= 0:
-                    cur.execute(sql(RETRY_LATER), (t + retry_delay_s, error, t, job_id))
-                    counts["retried"] += 1
-                else:
-                    cur.execute(sql(FAIL), (t, error, t, job_id))
-                    counts["failed"] += 1
-                cur.execute(sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id, worker))
-            if bundle_id is not None:
-                state = "failed" if bundle_error else "completed"
-                cur.execute(sql(FINISH_BUNDLE), (state, t, bundle_error, bundle_id))
-        return counts
+    # The outcome of a bundle: each operation is one transaction; `in_transaction` runs several
+    # as one (a bundle's completed and failed jobs and its close, all or nothing).
 
     @retried
-    def fail_permanently(self, worker: str, failed: Sequence[tuple[str, str]], bundle_id: str | None = None) -> int:
-        """Fail jobs with no retry: errors that no second attempt can fix (bad params, bad code)."""
-        t = now()
-        failed = _clip_errors(failed)
-        n = 0
+    def complete(self, worker: str, completed: Sequence[tuple[str, str, int]]) -> int:
+        """Mark held jobs completed, each as (job id, result key, result bytes). Returns how many."""
         with self.db.cursor(write=True) as cur:
-            for job_id, error in failed:
-                cur.execute(self._sql(FAIL_HELD), (error, t, t, job_id, worker))
-                n += max(cur.rowcount, 0)
-                cur.execute(self._sql(CLOSE_ATTEMPTS), (t, "failed", error, job_id, worker))
-        return n
+            return Outcomes(cur, self._sql, now()).complete(worker, completed)
+
+    @retried
+    def fail(self, worker: str, failed: Sequence[tuple[str, str]], retry_in_s: float | None = None) -> dict[str, int]:
+        """Fail held jobs, each as (job id, error). See `Outcomes.fail`."""
+        with self.db.cursor(write=True) as cur:
+            return Outcomes(cur, self._sql, now()).fail(worker, failed, retry_in_s)
+
+    @retried
+    def close_bundle(self, bundle_id: str, error: str | None = None) -> None:
+        """Close a bundle: completed, or failed with `error`."""
+        with self.db.cursor(write=True) as cur:
+            Outcomes(cur, self._sql, now()).close_bundle(bundle_id, error)
+
+    def in_transaction(self, work: Callable[[Outcomes], T], name: str = "outcomes") -> T:
+        """`work(outcomes)` in one transaction, run again whole while the database is unreachable:
+        so it must touch nothing but the database (each `Outcomes` operation is safe to run twice)."""
+
+        def run(_rerun: bool) -> T:
+            with self.db.cursor(write=True) as cur:
+                return work(Outcomes(cur, self._sql, now()))
+
+        return call_with_retry(run, window_s=self.db_retry_s, database=self.engine, name=name)
 
     @retried
     def defer(
@@ -748,7 +902,7 @@ class Queue:
                 deferred += max(cur.rowcount, 0)
                 cur.execute(self._sql(DEFER_ATTEMPTS, ids=in_sql), [t, error, *ids, worker])
             if bundle_id is not None:
-                cur.execute(self._sql(FINISH_BUNDLE), ("failed", t, error, bundle_id))
+                cur.execute(self._sql(FINISH_BUNDLE), (BundleState.FAILED, t, error, bundle_id))
         return deferred
 
     @retried
@@ -782,7 +936,7 @@ class Queue:
                 row = cur.fetchone()
                 if row is None:
                     raise JobNotFound(f"no job {job_id}")
-                if row[0] in ACTIVE_VALUES:
+                if row[0] in ACTIVE_STATES:
                     cur.execute(self._sql(CANCEL), (t, t, job_id))
                     out[job_id] = CANCELLED
                 else:
@@ -800,7 +954,7 @@ class Queue:
                 row = cur.fetchone()
                 if row is None:
                     raise JobNotFound(f"no job {job_id}")
-                if row[0] in ACTIVE_VALUES:
+                if row[0] in ACTIVE_STATES:
                     out[job_id] = row[0]
                     continue
                 cur.execute(self._sql(REQUEUE), (t, job_id))
@@ -853,8 +1007,14 @@ class Queue:
             return cur.fetchall()
 
     @retried
-    def counts(self) -> dict[str, int]:
-        found = {state: n for state, n in self._all(self._sql(COUNTS))}
+    def counts(self, sweep: str | None = None) -> dict[str, int]:
+        """Jobs per state (of one sweep, given its name), every state listed."""
+        if sweep is not None:
+            found = {state: int(n) for state, n in self._all(self._sql(SWEEP_COUNTS), (sweep,))}
+            return {s: found.get(s, 0) for s in JOB_STATES}
+        found = {state: int(n) for state, n in self._all(self._sql(COUNTS))}
+        total = found.pop(None, 0)
+        found[COMPLETED] = total - sum(found.values())
         return {s: found.get(s, 0) for s in JOB_STATES}
 
     @retried
@@ -865,26 +1025,27 @@ class Queue:
         experiment: str | None = None,
         limit: int | None = 50,
         newest_first: bool = True,
+        sweep: str | None = None,
+        offset: int = 0,
     ) -> list[JobRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if state:
-            where.append("state = ?")
-            params.append(state)
-        if tag:
-            where.append("tags LIKE ? ESCAPE '\\'")
-            params.append(f"%,{_like_literal(tag)},%")
-        if experiment:
-            where.append("experiment = ?")
-            params.append(experiment)
-        sql = f"SELECT {_JOBS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        """Jobs matching every filter given, newest (or oldest) first: `limit` of them (None: all)
+        after skipping `offset`."""
+        where, params = _job_filter(state, tag, experiment, sweep)
+        sql = f"SELECT {_JOBS} FROM jobs{where}"
         sql += " ORDER BY created_at DESC, id" if newest_first else " ORDER BY created_at, id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"  # no limit: NULL on PostgreSQL, -1 on SQLite
+            params += [limit if limit is not None or self.is_postgres else -1, offset]
         return [_job_row(r) for r in self._all(self._sql(sql), params)]
+
+    @retried
+    def count_jobs(
+        self, state: str | None = None, tag: str | None = None, experiment: str | None = None,
+        sweep: str | None = None,
+    ) -> int:
+        """How many jobs `list_jobs` would list without a limit, counted by the database."""
+        where, params = _job_filter(state, tag, experiment, sweep)
+        return int(self._all(self._sql(f"SELECT count(*) FROM jobs{where}"), params)[0][0])
 
     @retried
     def get(self, job_ref: str) -> JobRow:
@@ -960,9 +1121,9 @@ class Queue:
         or wait on, whoever holds them."""
         runnable = runnable or Runnable(backend=backend)
         cond, values = self._sql.runnable(runnable)
-        states = _ACTIVE_SQL if runnable.takes_submitted else f"'{QUEUED}', '{CLAIMED}', '{RUNNING}'"
-        sql = self._sql(WAITING, states=states, runnable=f" AND {cond}" if cond else "")
-        return int(self._all(sql, values)[0][0])
+        held = _HELD if runnable.takes_submitted else _LOCAL_HELD
+        sql = self._sql(WAITING, held=held, runnable=f" AND {cond}" if cond else "")
+        return int(self._all(sql, [*values, *values])[0][0])
 
     @retried
     def unrunnable(self, runnable: Runnable) -> list[tuple[str, str, str, int, int]]:
@@ -993,8 +1154,8 @@ class Queue:
         """Each worker holding jobs (that `runnable` covers), as (worker, jobs, lease end)."""
         runnable = runnable or Runnable()
         cond, values = self._sql.runnable(runnable)
-        states = ", ".join(f"'{s}'" for s in (HELD_STATES if runnable.takes_submitted else LOCAL_HELD_STATES))
-        rows = self._all(self._sql(HOLDERS, states=states, runnable=f" AND {cond}" if cond else ""), values)
+        held = _HELD if runnable.takes_submitted else _LOCAL_HELD
+        rows = self._all(self._sql(HOLDERS, held=held, runnable=f" AND {cond}" if cond else ""), values)
         return [(owner, int(n), float(until)) for owner, n, until in rows]
 
     @retried
@@ -1026,26 +1187,44 @@ class Queue:
         """Bytes of stored results, each result counted once however many jobs share it."""
         return int(self._all(self._sql(STORED_BYTES))[0][0])
 
+    # -- the result store's housekeeping (`verify`, `gc`) ----------------------------------
+
     @retried
-    def result_keys_in_use(self) -> dict[str, str]:
-        """Every result key a job points at, with that job's state (for `gc`)."""
-        return {k: s for k, s in self._all(self._sql(RESULT_KEYS))}
+    def jobs_with_results(self) -> list[JobRow]:
+        """Every finished job that points at a stored result."""
+        return [_job_row(r) for r in self._all(self._sql(JOBS_WITH_RESULTS))]
 
+    @retried
+    def result_references(self) -> list[JobRow]:
+        """Every job that needs a result: unfinished ones (their key's) and those pointing at
+        one; oldest first."""
+        return [_job_row(r) for r in self._all(self._sql(RESULT_REFERENCES))]
 
-def _check_columns(tables: Any) -> None:
-    for table, columns in ((tables.jobs, JOB_COLUMNS), (tables.bundles, BUNDLE_COLUMNS),
-                           (tables.attempts, ATTEMPT_COLUMNS)):
-        if tuple(table.c.keys()) != columns:
-            raise AssertionError(f"queue.py's columns of {table.name} differ from tables.py's")
-    if tuple(s.value for s in tables.JobState) != JOB_STATES:
-        raise AssertionError("queue.py's job states differ from tables.JobState")
+    @retried
+    def detach_results(self, keys: Sequence[str], error: str) -> list[str]:
+        """Detach every job from these results, saying why, except the results whose key an
+        unfinished job has (it will store there); committed on return. Returns the keys detached."""
+        sql = self._sql
+        with self.db.cursor(write=True) as cur:
+            busy = self._keys(cur, ACTIVE_KEYS, keys)
+            doomed = [k for k in keys if k not in busy]
+            for chunk in sql.chunks(doomed):
+                in_sql, bound = sql.in_(chunk)
+                cur.execute(sql(DETACH_RESULTS, keys=in_sql), [error, now(), *bound])
+                cur.execute(sql(FORGET_RESULTS, keys=in_sql), bound)
+        return doomed
 
+    @retried
+    def needed_results(self, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that a job needs: an unfinished job of that key, or a finished one
+        pointing at it."""
+        with self.db.cursor() as cur:
+            return self._keys(cur, ACTIVE_KEYS, keys) | self._keys(cur, DONE_RESULT_KEYS, keys)
 
-def __getattr__(name: str) -> Any:
-    """The SQLAlchemy tables and state enums, importable from here as before (loaded on use)."""
-    if name in ("jobs", "bundles", "attempts", "JobState", "BundleState", "ACTIVE_STATES", "DONE_STATES"):
-        from . import tables
-
-        _check_columns(tables)
-        return getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def _keys(self, cur: Any, statement: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in self._sql.chunks(list(keys)):
+            in_sql, bound = self._sql.in_(chunk)
+            cur.execute(self._sql(statement, keys=in_sql), bound)
+            found.update(row[0] for row in cur.fetchall())
+        return found

@@ -12,88 +12,116 @@ transaction again (`retry.py`); each is safe to re-run after a COMMIT that went 
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from sqlalchemy import Engine, and_, select, update
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..logging import scrub
-from .engine import write_transaction
-from .queue import LEASE_EXPIRED
+from ..states import AttemptOutcome, BundleState, JobState
+from .engine import Database
+from .queue import _JOBS, BUNDLE, END_LEASES_AT_NDIF, HELD_AT_REMOTE, BundleRow, Dialect, JobRow, now
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
-from .tables import BundleState, JobState, attempts, bundles, jobs, now
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+_SUBMITTED = HELD_AT_REMOTE
+HISTORY = "SELECT status_history FROM bundles WHERE id = ?"
+SET_HISTORY = "UPDATE bundles SET status_history = ? WHERE id = ?"
+MARK_BUNDLE_SUBMITTED = (
+    f"UPDATE bundles SET state = '{BundleState.SUBMITTED}', remote_job_id = ?, submitted_at = ?, deadline = ?,"
+    " payload_bytes = ?, status_history = ? WHERE id = ?"
+)
+MARK_JOBS_SUBMITTED = (
+    f"UPDATE jobs SET state = '{JobState.SUBMITTED}', bundle_id = ?, updated_at = ? WHERE id {{ids}}"
+    " AND lease_owner = ?"
+)
+SET_RESULT_BYTES = "UPDATE bundles SET result_bytes = ? WHERE id = ?"
+ABANDON = (
+    f"UPDATE bundles SET state = '{BundleState.ABANDONED}', finished_at = ?, error = ?, status_history = ?"
+    " WHERE id = ?"
+)
+# Bundles at the remote backend whose worker stopped renewing its leases (a range probe of the
+# lease index, as few rows as jobs held).
+ORPHANED = f"SELECT bundle_id FROM jobs WHERE {_SUBMITTED} AND lease_expires_at < ? GROUP BY bundle_id LIMIT ?"
+TAKE_BUNDLE_JOBS = (
+    f"UPDATE jobs SET lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE bundle_id = ? AND {_SUBMITTED}"
+    f" RETURNING {_JOBS}"
+)
+# The dead worker's attempts end here; this worker's wait for the same request is a new attempt
+# with the same number (no new work is sent, so none is spent).
+LOSE_ATTEMPTS = (
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.LEASE_EXPIRED}',"
+    " error = 'its worker stopped renewing the lease; the next worker re-attached'"
+    " WHERE job_id {ids} AND finished_at IS NULL"
+)
+INSERT_ATTEMPT = "INSERT INTO attempts (job_id, bundle_id, number, worker, started_at) VALUES (?, ?, ?, ?, ?)"
+SET_BUNDLE_WORKER = "UPDATE bundles SET worker = ? WHERE id = ?"
+# What an earlier run of `take_over` leased to this worker unseen (nothing else gives its jobs
+# that `updated_at`), on a fresh lease.
+ADOPT_TAKEN = (
+    f"UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE {_SUBMITTED} AND lease_owner = ?"
+    f" AND updated_at {{times}} RETURNING {_JOBS}"
+)
+REBIND = 'UPDATE jobs SET backend = ?, model = ?, model_key = ?, "key" = ?, updated_at = ? WHERE id = ?'
 
 
 class RemoteBundles:
-    def __init__(self, engine: Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
-        #: A `Database` (the queue's) or an Engine: SQLAlchemy statements run on either.
+    def __init__(self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
+        #: What the bundles are kept in: the queue's `Database`, or an Engine.
         self.engine = engine
         #: How long each operation retries while the database is unreachable (0: not at all).
         self.db_retry_s = db_retry_s
+        self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
+        self._sql = Dialect(self.db.dialect_name)
 
     @retried
     def mark_submitted(
-        self, worker: str, bundle_id: str, remote_job_id: str, job_ids: list[str], deadline: float | None,
+        self, worker: str, bundle_id: str, remote_job_id: str, job_ids: Sequence[str], deadline: float | None,
         payload_bytes: int | None = None,
     ) -> None:
         t = now()
-        with write_transaction(self.engine) as conn:
-            history = self._history(conn, bundle_id)
+        sql = self._sql
+        with self.db.cursor(write=True) as cur:
+            history = self._history(cur, bundle_id)
             _append_once(history, {"status": "SUBMITTED", "at": t, "description": f"NDIF job {remote_job_id}"})
-            conn.execute(
-                update(bundles)
-                .where(bundles.c.id == bundle_id)
-                .values(
-                    state=BundleState.SUBMITTED.value,
-                    remote_job_id=remote_job_id,
-                    submitted_at=t,
-                    deadline=deadline,
-                    payload_bytes=payload_bytes,
-                    status_history=json.dumps(history),
-                )
+            cur.execute(
+                sql(MARK_BUNDLE_SUBMITTED),
+                (remote_job_id, t, deadline, payload_bytes, json.dumps(history), bundle_id),
             )
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(job_ids), jobs.c.lease_owner == worker)
-                .values(state=JobState.SUBMITTED.value, bundle_id=bundle_id, updated_at=t)
-            )
+            for chunk in sql.chunks(list(job_ids)):
+                in_sql, ids = sql.in_(chunk)
+                cur.execute(sql(MARK_JOBS_SUBMITTED, ids=in_sql), [bundle_id, t, *ids, worker])
 
     @retried
     def record_status(self, bundle_id: str, status: str, description: str = "") -> bool:
         """Append a status to the bundle's history when it differs from the last one.
 
         The description is NDIF's text, which may repeat a secret (NDIF echoes a malformed API
-        key): it is scrubbed before it is stored, as before it is logged."""
+        key): it is scrubbed before it is stored, as it is before it is logged."""
         t = now()
         description = scrub(description)[:500]  # as stored, so that a repeat compares equal
-        with write_transaction(self.engine) as conn:
-            history = self._history(conn, bundle_id)
+        with self.db.cursor(write=True) as cur:
+            history = self._history(cur, bundle_id)
             if not _append_once(history, {"status": status, "at": t, "description": description}):
                 return False
-            conn.execute(
-                update(bundles).where(bundles.c.id == bundle_id).values(status_history=json.dumps(history[-200:]))
-            )
+            cur.execute(self._sql(SET_HISTORY), (json.dumps(history[-200:]), bundle_id))
         return True
 
     @retried
     def set_result_bytes(self, bundle_id: str, size: int) -> None:
-        with write_transaction(self.engine) as conn:
-            conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(result_bytes=size))
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(SET_RESULT_BYTES), (size, bundle_id))
 
     @retried
     def abandon(self, bundle_id: str, reason: str) -> None:
         """Give up on a request (deadline passed): a late answer for it is ignored."""
         t = now()
-        with write_transaction(self.engine) as conn:
-            history = self._history(conn, bundle_id)
+        with self.db.cursor(write=True) as cur:
+            history = self._history(cur, bundle_id)
             _append_once(history, {"status": "ABANDONED", "at": t, "description": reason})
-            conn.execute(
-                update(bundles)
-                .where(bundles.c.id == bundle_id)
-                .values(state=BundleState.ABANDONED.value, finished_at=t, error=reason,
-                        status_history=json.dumps(history))
-            )
+            cur.execute(self._sql(ABANDON), (t, reason, json.dumps(history), bundle_id))
 
-    def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[Any, list[Any]]]:
+    def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[BundleRow, list[JobRow]]]:
         """Submitted bundles whose worker stopped renewing its leases, now leased to `worker`."""
         return call_stamped_with_retry(
             lambda t, earlier: self._take_over(worker, lease_s, limit, t, earlier),
@@ -101,72 +129,49 @@ class RemoteBundles:
         )
 
     def _take_over(
-        self, worker: str, lease_s: float, limit: int, t: float, earlier: list[float]
-    ) -> list[tuple[Any, list[Any]]]:
+        self, worker: str, lease_s: float, limit: int, t: float, earlier: Sequence[float]
+    ) -> list[tuple[BundleRow, list[JobRow]]]:
         """`take_over`'s transaction at time `t`; `earlier`: the times of this call's failed runs.
 
         A failed run may have committed unseen: the bundles whose jobs it leased to `worker`
         (at one of those times) are returned, on a fresh lease, instead of taking more."""
-        out = []
-        with write_transaction(self.engine) as conn:
+        sql = self._sql
+        out: list[tuple[BundleRow, list[JobRow]]] = []
+        with self.db.cursor(write=True) as cur:
             if earlier:
-                taken = self._adopt_taken(conn, worker, earlier, t, lease_s)
+                taken = self._adopt_taken(cur, worker, earlier, t, lease_s)
                 if taken:
                     return taken
-            orphaned = conn.execute(
-                select(jobs.c.bundle_id)
-                .where(jobs.c.state == JobState.SUBMITTED.value, jobs.c.lease_expires_at < t)
-                .group_by(jobs.c.bundle_id)
-                .limit(limit)
-            ).scalars().all()
-            for bundle_id in orphaned:
-                bundle = conn.execute(select(bundles).where(bundles.c.id == bundle_id)).first()
+            cur.execute(sql(ORPHANED), (t, limit))
+            for (bundle_id,) in cur.fetchall():
+                bundle = self._bundle(cur, bundle_id)
                 if bundle is None or bundle.remote_job_id is None:
                     continue
-                conn.execute(
-                    update(jobs)
-                    .where(and_(jobs.c.bundle_id == bundle_id, jobs.c.state == JobState.SUBMITTED.value))
-                    .values(lease_owner=worker, lease_expires_at=t + lease_s, updated_at=t)
-                )
-                held = conn.execute(
-                    select(jobs).where(jobs.c.bundle_id == bundle_id, jobs.c.state == JobState.SUBMITTED.value)
-                ).all()
-                # The dead worker's attempts end here; this worker's wait for the same request is a
-                # new attempt with the same number (no new work is sent, so none is spent).
-                held_ids = [j.id for j in held]
-                conn.execute(
-                    update(attempts)
-                    .where(attempts.c.job_id.in_(held_ids), attempts.c.finished_at.is_(None))
-                    .values(finished_at=t, outcome=LEASE_EXPIRED,
-                            error="its worker stopped renewing the lease; the next worker re-attached")
-                )
+                cur.execute(sql(TAKE_BUNDLE_JOBS), (worker, t + lease_s, t, bundle_id))
+                held = [JobRow._make(r) for r in cur.fetchall()]
+                for chunk in sql.chunks([j.id for j in held]):
+                    in_sql, ids = sql.in_(chunk)
+                    cur.execute(sql(LOSE_ATTEMPTS, ids=in_sql), [t, *ids])
                 if held:
-                    conn.execute(attempts.insert(), [
-                        {"job_id": j.id, "bundle_id": bundle_id, "number": j.attempts, "worker": worker,
-                         "started_at": t}
-                        for j in held
-                    ])
-                conn.execute(update(bundles).where(bundles.c.id == bundle_id).values(worker=worker))
+                    cur.executemany(sql(INSERT_ATTEMPT), [(j.id, bundle_id, j.attempts, worker, t) for j in held])
+                cur.execute(sql(SET_BUNDLE_WORKER), (worker, bundle_id))
                 out.append((bundle, held))
         return out
 
-    @staticmethod
     def _adopt_taken(
-        conn: Any, worker: str, earlier: list[float], t: float, lease_s: float
-    ) -> list[tuple[Any, list[Any]]]:
-        """The bundles whose submitted jobs were leased to `worker` at one of the `earlier` times
-        (nothing else gives them that `updated_at`), with those jobs, now on a fresh lease."""
-        mine = (jobs.c.state == JobState.SUBMITTED.value, jobs.c.lease_owner == worker)
-        conn.execute(
-            update(jobs).where(*mine, jobs.c.updated_at.in_(earlier)).values(lease_expires_at=t + lease_s, updated_at=t)
-        )
-        held = conn.execute(select(jobs).where(*mine, jobs.c.updated_at == t)).all()
-        by_bundle: dict[str, list[Any]] = {}
-        for job in held:
-            by_bundle.setdefault(job.bundle_id, []).append(job)
+        self, cur: Any, worker: str, earlier: Sequence[float], t: float, lease_s: float
+    ) -> list[tuple[BundleRow, list[JobRow]]]:
+        """The bundles whose submitted jobs were leased to `worker` at one of the `earlier` times,
+        with those jobs, now on a fresh lease."""
+        in_sql, times = self._sql.in_(earlier)
+        cur.execute(self._sql(ADOPT_TAKEN, times=in_sql), [t + lease_s, t, worker, *times])
+        by_bundle: dict[str, list[JobRow]] = {}
+        for row in cur.fetchall():
+            job = JobRow._make(row)
+            by_bundle.setdefault(job.bundle_id or "", []).append(job)
         out = []
         for bundle_id, bundle_jobs in by_bundle.items():
-            bundle = conn.execute(select(bundles).where(bundles.c.id == bundle_id)).first()
+            bundle = self._bundle(cur, bundle_id)
             if bundle is not None:
                 out.append((bundle, bundle_jobs))
         return out
@@ -175,25 +180,26 @@ class RemoteBundles:
     def hand_back(self, worker: str) -> int:
         """A stopping worker's `submitted` jobs: leases ended now, so the next worker re-attaches at once."""
         t = now()
-        with write_transaction(self.engine) as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.lease_owner == worker, jobs.c.state == JobState.SUBMITTED.value)
-                .values(lease_expires_at=t, updated_at=t)
-            )
-        return result.rowcount or 0
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(END_LEASES_AT_NDIF), (t, t, worker))
+            return max(cur.rowcount, 0)
 
     @retried
-    def rebind(self, job_id: str, **values: Any) -> None:
+    def rebind(self, job_id: str, *, backend: str, model: str, model_key: str, key: str) -> None:
         """Point a held job at another backend/model (and so another cache key)."""
-        with write_transaction(self.engine) as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=now(), **values))
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(REBIND), (backend, model, model_key, key, now(), job_id))
 
-    @staticmethod
-    def _history(conn: Any, bundle_id: str) -> list[dict[str, Any]]:
-        raw = conn.execute(select(bundles.c.status_history).where(bundles.c.id == bundle_id)).scalar()
+    def _bundle(self, cur: Any, bundle_id: str) -> BundleRow | None:
+        cur.execute(self._sql(BUNDLE), (bundle_id,))
+        row = cur.fetchone()
+        return BundleRow._make(row) if row is not None else None
+
+    def _history(self, cur: Any, bundle_id: str) -> list[dict[str, Any]]:
+        cur.execute(self._sql(HISTORY), (bundle_id,))
+        row = cur.fetchone()
         try:
-            history = json.loads(raw or "[]")
+            history = json.loads((row[0] if row else None) or "[]")
         except ValueError:
             history = []
         return history if isinstance(history, list) else []

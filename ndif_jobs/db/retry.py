@@ -29,10 +29,11 @@ The one uncertain case is a COMMIT that the server carried out but whose answer 
 the connection: the method then runs again on top of its own committed work. Each method is
 safe to run again so (the few that must know are told with `rerun=True`):
 
-- `finish`, `fail_permanently`, `renew_leases`, `release`, `hand_back`, `rebind`,
-  `set_result_bytes`: conditional on the lease or plainly idempotent, so the second run changes
-  nothing. The counts they return then say 0, which only skews the worker's own tally in its
-  log. `mark_submitted`, `record_status` and `abandon` do not append a status twice.
+- `complete`, `fail`, `close_bundle` (and `in_transaction`, which runs several of them as one),
+  `renew_leases`, `release`, `hand_back`, `rebind`, `set_result_bytes`: conditional on the lease
+  or plainly idempotent, so the second run changes nothing. The counts they return then say 0,
+  which only skews the worker's own tally in its log. `mark_submitted`, `record_status` and
+  `abandon` do not append a status twice.
 - `claim` and `take_over`: the first run leased jobs to this worker, which never heard of them.
   Each run stamps what it takes with its own time; a re-run first looks for jobs leased to this
   worker at an earlier run's time and returns those, on a fresh lease (their attempt already

@@ -1,46 +1,26 @@
-"""The queue's tables as SQLAlchemy Core `Table`s, and the job and bundle states.
+"""The queue's tables as SQLAlchemy Core `Table`s: the schema alembic and its test compare against.
 
-The queue operations (`queue.py`) work on these directly: Core keeps the CLI's read path and the
-worker's hot path free of the ORM's import and per-row costs. `models.py` maps the typed ORM
-classes onto the same tables. The schema is made and changed only by the alembic migrations under
-`alembic/versions`; a test checks that these definitions match the latest one. Times are UTC
-epoch seconds as floats: cheap to compare in SQL on every database.
+The queue operations (`queue.py`) write their statements out by hand and follow these column
+lists (a test checks that they do). The schema is made and changed only by the alembic
+migrations under `alembic/versions`; a test checks that these definitions match the latest one.
+Times are UTC epoch seconds as floats: cheap to compare in SQL on every database. The states
+stored in the `state` columns are `ndif_jobs.states`.
 """
 
 from __future__ import annotations
 
-import enum
 import time
+from typing import Any
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, text
 
+from ..states import ACTIVE_STATES, DONE_STATES, FINAL_STATES, BundleState, JobState
+from .queue import ENDED_ROWS, HELD_ROWS, QUEUED_ROWS
 
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    CLAIMED = "claimed"
-    SUBMITTED = "submitted"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    CACHED = "cached"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset({JobState.COMPLETED, JobState.CACHED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.CLAIMED, JobState.SUBMITTED, JobState.RUNNING})
-DONE_STATES = frozenset({JobState.COMPLETED, JobState.CACHED})
-
-
-class BundleState(str, enum.Enum):
-    RUNNING = "running"
-    SUBMITTED = "submitted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
+__all__ = [
+    "ACTIVE_STATES", "DONE_STATES", "FINAL_STATES", "BundleState", "JobState", "attempts", "bundles", "jobs",
+    "metadata", "now", "results", "sweeps",
+]
 
 
 def now() -> float:
@@ -96,14 +76,29 @@ jobs = Table(
     Column("result_key", String(64)),
     Column("result_bytes", Integer),
     Column("estimated_bytes", Integer),
+    Column("sweep", String(200)),
+    Column("sweep_row", Integer),
 )
-# The claim reads queued jobs highest priority first, oldest first: this index gives that order
-# without a sort, however long the queue.
-Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at)
+# Each index holds only the rows its readers look for: a job is in two or three of them at a time
+# (besides its id and key), so a write touches few b-trees. SQLite uses a partial index only for a
+# query that repeats the index's condition word for word: `queue.py` writes its statements so.
+
+
+def _only(condition: str) -> dict[str, Any]:
+    """The dialect options that make an index partial: rows where `condition` holds."""
+    return {"sqlite_where": text(condition), "postgresql_where": text(condition)}
+
+
+# The claim's order (highest priority first, oldest first) over queued jobs, without a sort.
+Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at, **_only(QUEUED_ROWS))
+# Held jobs by state and lease end: expired leases (every claim probes it), who holds what.
+Index("ix_jobs_lease", jobs.c.state, jobs.c.lease_expires_at, **_only(HELD_ROWS))
+# The few jobs that ended without running, newest first per state: `list --state failed`, counts.
+Index("ix_jobs_ended", jobs.c.state, jobs.c.created_at, **_only(ENDED_ROWS))
+# The latest jobs of any state (`status`, `list`).
 Index("ix_jobs_created", jobs.c.created_at)
-Index("ix_jobs_lease", jobs.c.state, jobs.c.lease_expires_at)
-# `status` sums stored bytes per result key from this index alone (no table scan, no sort).
-Index("ix_jobs_result", jobs.c.result_key, jobs.c.result_bytes)
+# A sweep's jobs in row order, for its progress and its table of results.
+Index("ix_jobs_sweep", jobs.c.sweep, jobs.c.sweep_row, **_only("sweep IS NOT NULL"))
 
 attempts = Table(
     "attempts",
@@ -117,4 +112,44 @@ attempts = Table(
     Column("finished_at", Float),
     Column("outcome", String(20)),
     Column("error", Text),
+)
+
+#: Each result in the store, once however many jobs point at it, with its size: what `status`
+#: sums as stored bytes without reading the jobs. Written with a job's completion, removed by
+#: `gc` (and by `submit` finding a result gone) as it detaches the result's jobs.
+results = Table(
+    "results",
+    metadata,
+    Column("result_key", String(64), primary_key=True),
+    Column("bytes", Integer, nullable=False),
+)
+
+#: A sweep: a grid of jobs submitted from one spec file under one name. Its jobs carry the name
+#: and their row; re-submitting the same name with a changed spec is refused by `digest`.
+sweeps = Table(
+    "sweeps",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+#: Live workers, one row each, written by the worker's own beat (`ndif_jobs/runner/registry.py`):
+#: what `ndif-jobs workers` lists, and how a worker on another host is asked to stop (it reads
+#: `stop_requested` at its next beat: 1 finish the bundle in hand, 2 now).
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(100), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("backend", String(20)),
+    Column("started_at", Float, nullable=False),
+    Column("last_beat", Float, nullable=False),
+    Column("bundle_id", String(32)),
+    Column("jobs_done", Integer, nullable=False),
+    Column("stop_requested", Integer, nullable=False),
 )

@@ -27,6 +27,8 @@ An experiment may also name, as `module:function` strings or as functions, its o
   `Figure` of that size; `labels` name each result by the parameters that differ between them.
 * `estimate(params, shape) -> int`: the result's bytes, from the checked parameters and the
   model's `ModelShape` (see `estimates.py`).
+* `sweep_plot(collection) -> (width_in, height_in, draw)`: the figure of a whole sweep
+  (`ndif-jobs plot --sweep NAME`), from its `ndif_jobs.collect` collection (see `sweeps/figures.py`).
 
 Built-ins are registered by name, with their hooks, and imported only when used, so listing or
 submitting them never imports torch, and the code shipped to NDIF stays torch and nnsight only.
@@ -57,7 +59,7 @@ Params = P.Params
 
 #: A hook: a function, or the `module:function` that names it (imported on first use).
 Hook = str | Callable[..., Any] | None
-HookKind = Literal["estimate", "summary", "plot"]
+HookKind = Literal["estimate", "summary", "plot", "sweep_plot"]
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Experiment:
     estimate: Hook = None
     summary: Hook = None
     plot: Hook = None
+    sweep_plot: Hook = None
     builtin: bool = False
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
     _source_hash: str | None = field(default=None, repr=False)
@@ -152,7 +155,8 @@ def _resolve(target: str) -> Any:
 def _one_line(exc: ValidationError, params: type[BaseModel]) -> str:
     parts = []
     for error in exc.errors():
-        where = ".".join(str(x) for x in error["loc"]) or "params"
+        # A name is user text: one with a line break or other control character is shown quoted.
+        where = ".".join(str(x) if str(x).isprintable() else repr(str(x)) for x in error["loc"]) or "params"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown parameter" + _did_you_mean(str(error["loc"][-1]), _names_at(params, error["loc"][:-1]))
@@ -196,11 +200,11 @@ def register(exp: Experiment) -> Experiment:
 
 def experiment(
     name: str, params: type[BaseModel], description: str | None = None, version: int = 1, *,
-    estimate: Hook = None, summary: Hook = None, plot: Hook = None,
+    estimate: Hook = None, summary: Hook = None, plot: Hook = None, sweep_plot: Hook = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn(model, params: dict) -> dict` (or a staged generator) under `name`, with
     its optional hooks (functions or `module:function` strings; see the module doc)."""
-    for kind, ref in (("estimate", estimate), ("summary", summary), ("plot", plot)):
+    for kind, ref in (("estimate", estimate), ("summary", summary), ("plot", plot), ("sweep_plot", sweep_plot)):
         if not (ref is None or callable(ref) or (isinstance(ref, str) and _is_target(ref))):
             raise BadInput(f"experiment {name!r}: {kind} must be a function or 'module:function', not {ref!r}")
 
@@ -215,6 +219,7 @@ def experiment(
                 estimate=estimate,
                 summary=summary,
                 plot=plot,
+                sweep_plot=sweep_plot,
                 _fn=fn,
             )
         )
@@ -318,6 +323,8 @@ def _import_from(folder: Path, name: str, spec: str) -> None:
 
 
 # Each built-in's function, size estimate, summary and figure share one name in four modules.
+#: The built-ins with a figure of a whole sweep (`ndif_jobs/sweeps/figures.py`).
+_SWEEP_FIGURES = ("activations", "patching", "logit_lens")
 for _name, _params, _fn, _doc in (
     ("activations", P.ActivationsParams, "activations", "Block-output norms per layer and the next-token top-k."),
     ("patching", P.PatchingParams, "patching", "Activation patching sweep: logit difference per patched layer."),
@@ -330,4 +337,5 @@ for _name, _params, _fn, _doc in (
         name=_name, params=_params, target=f"ndif_jobs.experiments.builtin:{_fn}", description=_doc,
         estimate=f"ndif_jobs.experiments.estimates:{_fn}", summary=f"ndif_jobs.summaries:{_fn}",
         plot=f"ndif_jobs.plots:{_fn}", builtin=True,
+        sweep_plot=f"ndif_jobs.sweeps.figures:{_fn}" if _fn in _SWEEP_FIGURES else None,
     ))

@@ -167,7 +167,7 @@ def run_jobs(
                 advance(job_id, None)
             else:
                 results[job_id] = fn(model, params)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - an experiment's own error fails its job alone
             results[job_id] = Failure(exc)
             staged.pop(job_id, None)
 
@@ -196,7 +196,7 @@ def _run_stage(
     for job_id, stage in batch.items():
         try:
             stage_ids = [tokenize(model, p.prompt) for p in stage]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a prompt that does not tokenize fails its job alone
             out[job_id] = Failure(exc)
             continue
         owners += [job_id] * len(stage)
@@ -216,7 +216,7 @@ def _run_stage(
             values = run_passes(model, [passes[i] for i in chunk], [ids[i] for i in chunk])
             for i, v in zip(chunk, values, strict=False):
                 kept[i] = v
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a packed trace that fails is re-run job by job below
             if len({owners[i] for i in chunk}) == 1:
                 out[owners[chunk[0]]] = Failure(exc)
                 continue
@@ -227,7 +227,7 @@ def _run_stage(
                     values = run_passes(model, [passes[i] for i in mine], [ids[i] for i in mine])
                     for i, v in zip(mine, values, strict=False):
                         kept[i] = v
-                except Exception as inner:  # noqa: BLE001
+                except Exception as inner:  # noqa: BLE001 - this job's own passes failed: it alone fails
                     out[job_id] = Failure(inner)
     for i, job_id in enumerate(owners):
         collected = out.setdefault(job_id, [])

@@ -23,13 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import or_, select, update
-
-from ..db.engine import write_transaction
-from ..db.queue import ACTIVE_VALUES, DONE_VALUES, jobs
-from ..db.tables import JobState, now
+from ..db.queue import now
 from ..errors import BadInput, ResultCorrupt, ResultMissing, StoreError
 from ..service import Service
+from ..states import ACTIVE_STATES
 from .codec import flatten, is_sealed, to_jsonable
 from .safetensors_io import write_safetensors_fd
 
@@ -59,14 +56,9 @@ def verify(service: Service) -> VerifyReport:
     """Re-hash every result a finished job points at; report each corrupt or missing one."""
     report = VerifyReport()
     by_key: dict[str, list[str]] = {}
-    with service.queue.engine.connect() as conn:
-        for row in conn.execute(
-            select(jobs.c.id, jobs.c.result_key).where(
-                jobs.c.result_key.is_not(None),
-                jobs.c.state.in_([JobState.COMPLETED.value, JobState.CACHED.value]),
-            )
-        ):
-            by_key.setdefault(row.result_key, []).append(row.id)
+    for job in service.queue.jobs_with_results():
+        if job.result_key is not None:
+            by_key.setdefault(job.result_key, []).append(job.id)
     for key in sorted(by_key):
         report.checked += 1
         try:
@@ -147,17 +139,14 @@ def _job_refs(service: Service) -> tuple[set[str], dict[str, list[dict[str, Any]
     """The keys of unfinished jobs, and for each result key the finished jobs pointing at it."""
     protected: set[str] = set()
     pointing: dict[str, list[dict[str, Any]]] = {}
-    columns = (jobs.c.id, jobs.c.key, jobs.c.state, jobs.c.experiment, jobs.c.tags, jobs.c.result_key)
-    with service.queue.engine.connect() as conn:
-        query = select(*columns).where(or_(jobs.c.state.in_(list(ACTIVE_VALUES)), jobs.c.result_key.is_not(None)))
-        for row in conn.execute(query.order_by(jobs.c.created_at)):
-            if row.state in ACTIVE_VALUES:
-                protected.add(row.key)
-            if row.result_key is not None:
-                pointing.setdefault(row.result_key, []).append({
-                    "id": row.id, "state": row.state, "experiment": row.experiment,
-                    "tags": [t for t in row.tags.strip(",").split(",") if t],
-                })
+    for row in service.queue.result_references():
+        if row.state in ACTIVE_STATES:
+            protected.add(row.key)
+        if row.result_key is not None:
+            pointing.setdefault(row.result_key, []).append({
+                "id": row.id, "state": row.state, "experiment": row.experiment,
+                "tags": [t for t in row.tags.strip(",").split(",") if t],
+            })
     return protected, pointing
 
 
@@ -175,21 +164,7 @@ def run_gc(service: Service, plan: GcPlan) -> GcOutcome:
 def detach(service: Service, keys: Sequence[str]) -> list[str]:
     """Detach every finished job from these results (committed on return), except those a
     job queued or running meanwhile needs; returns the keys that may now be removed."""
-    with write_transaction(service.queue.engine) as conn:
-        busy = {
-            row.key
-            for row in conn.execute(
-                select(jobs.c.key).where(jobs.c.key.in_(keys), jobs.c.state.in_(list(ACTIVE_VALUES)))
-            )
-        }
-        doomed = [k for k in keys if k not in busy]
-        if doomed:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.result_key.in_(doomed))
-                .values(result_key=None, error="result removed by gc", updated_at=now())
-            )
-    return doomed
+    return service.queue.detach_results(keys, "result removed by gc")
 
 
 def remove_unneeded(service: Service, keys: Sequence[str], outcome: GcOutcome) -> None:
@@ -214,18 +189,7 @@ def remove_unneeded(service: Service, keys: Sequence[str], outcome: GcOutcome) -
 
 
 def _needed(service: Service, keys: Sequence[str]) -> set[str]:
-    if not keys:
-        return set()
-    with service.queue.engine.connect() as conn:
-        rows = conn.execute(
-            select(jobs.c.key, jobs.c.state, jobs.c.result_key).where(
-                or_(
-                    jobs.c.key.in_(keys) & jobs.c.state.in_(list(ACTIVE_VALUES)),
-                    jobs.c.result_key.in_(keys) & jobs.c.state.in_(list(DONE_VALUES)),
-                )
-            )
-        )
-        return {row.key if row.state in ACTIVE_VALUES else row.result_key for row in rows}
+    return service.queue.needed_results(keys) if keys else set()
 
 
 # -- export ------------------------------------------------------------------------------------

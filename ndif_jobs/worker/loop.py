@@ -19,7 +19,6 @@ queue with exponential backoff until its jobs' attempts run out.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -32,10 +31,13 @@ from typing import Any
 
 from .. import crashpoints, experiments, owners
 from ..backends import Backend, Handle, JobOutcome, JobSpec, backend_class, get_backend
-from ..db.queue import Runnable
+from ..db.queue import Outcomes, Runnable
+from ..domain import Job
 from ..errors import BundleTimeout, NdifJobsError, Rejected, RemoteJobError, Transient, Unavailable, clip_error
 from ..logging import ensure_logging, get_logger, register_secret, scrub
-from ..models import ModelRef, resolve_model
+from ..model_refs import ModelRef, resolve_model
+from ..notify import LoopNotices
+from ..runner.registry import WorkerRecord
 from ..service import Service
 from .heartbeat import Heartbeat
 from .remote import RemoteExecution
@@ -82,7 +84,7 @@ def _specs(jobs: list[Any], outcomes: dict[str, JobOutcome]) -> list[JobSpec]:
     for job in _one_per_key(jobs):
         try:
             experiments.get(job.experiment)
-            specs.append(JobSpec(job.id, job.experiment, json.loads(job.params)))
+            specs.append(JobSpec(job.id, job.experiment, job.params))
         except NdifJobsError as exc:
             outcomes[job.id] = JobOutcome(error=str(exc))
     return specs
@@ -175,10 +177,17 @@ class Worker:
 
     def run(self, until_empty: bool = False) -> WorkerStats:
         log.info("worker started", worker=self.id, backend=self.backend_filter or "any", max_bundle=self.max_bundle)
+        # Service hooks: the `workers` table row (`ndif-jobs workers`), and notifications (None
+        # without NDIF_JOBS_NOTIFY).
+        record = WorkerRecord.start(self)
+        notices = LoopNotices.for_worker(self)
+        error: BaseException | None = None
         try:
             while not self._stopping.is_set():
                 self._look_around()
                 jobs = self._claim()
+                if notices is not None:
+                    notices.tick(claimed=len(jobs))
                 if not jobs:
                     if until_empty and self._drained():
                         break
@@ -189,8 +198,14 @@ class Worker:
                     if self._stopping.is_set():
                         break  # what is left of the claim is released below, untouched
                     self.run_bundle(backend, model, bundle)
+        except Exception as exc:
+            error = exc
+            raise
         finally:
             self._give_back()
+            record.close()
+            if notices is not None:
+                notices.close(error)
         log.info("worker finished", worker=self.id, bundles=self.stats.bundles, completed=self.stats.completed,
                  failed=self.stats.failed, retried=self.stats.retried)
         return self.stats
@@ -241,7 +256,7 @@ class Worker:
             handed = self.remote.bundles.hand_back(self.id)
             if handed:
                 log.info("left jobs at their remote backend for the next worker to re-attach", count=handed)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - handing back is best effort: the leases bring the jobs back anyway
             log.warning("could not hand back jobs at a remote backend; they are re-attached when their leases run out",
                         error=str(exc))
 
@@ -266,19 +281,18 @@ class Worker:
     def _to_standin(self, job: Any) -> Any:
         """A job of the stand-in backend re-bound to run here: its stand-in model, its own cache
         key. The claim gives this worker such a job only when its model has a stand-in."""
+        job = Job.of(job)
         if job.backend != self.standin_for:
             return job
-        from ..keys import cache_key
-
-        spec = self.settings.local_standins[job.model]
+        spec = job.standin(self.settings.local_standins)
+        assert spec is not None  # the claim's SQL took only jobs whose model has one
         ref = resolve_model(spec)
-        exp = experiments.get(job.experiment)
-        key = cache_key(ref.model_key, ref.revision, exp.name, exp.source_hash, json.loads(job.params))
-        self.remote.bundles.rebind(job.id, backend=self.backend_filter, model=ref.spec, model_key=ref.model_key,
-                                   key=key)
+        key, _older = job.computation_keys(ref)
+        self.remote.bundles.rebind(job.id, backend=self.backend_filter or job.backend, model=ref.spec,
+                                   model_key=ref.model_key, key=key)
         log.info(f"running an {backend_class(job.backend).title} job locally", job=job.id, model=job.model,
                  standin=ref.spec)
-        return self.service.queue.get(job.id)
+        return Job.from_row(self.service.queue.get(job.id))
 
     # -- what this worker leaves to others, and what it waits for ---------------------------
 
@@ -364,6 +378,7 @@ class Worker:
 
     def run_bundle(self, name: str, model: str, jobs: list[Any]) -> None:
         """Start the bundle, send it, commit a remote job id, wait, store."""
+        jobs = [Job.of(j) for j in jobs]
         if self.remote.deferring(name, jobs):
             return
         bundle_id = self.service.queue.start_bundle(self.id, name, jobs[0].model_key, [j.id for j in jobs])
@@ -418,6 +433,7 @@ class Worker:
         outcomes: dict[str, JobOutcome], blog: Any, started: float | None,
     ) -> None:
         """Wait for a sent bundle (if any job was sent), then store what it gave."""
+        jobs = [Job.of(j) for j in jobs]
         if handle is not None:
             waited = self._wait(backend, bundle_id, handle, jobs, blog)
             if waited is None:
@@ -482,7 +498,7 @@ class Worker:
             except NdifJobsError:
                 settled.append(job)  # fails with this error when its spec is built
                 continue
-            key, older = computation_keys(ref, exp.name, exp.source_hash, json.loads(job.params))
+            key, older = computation_keys(ref, exp.name, exp.source_hash, job.params)
             if key != job.key:
                 moved = job.key in older
                 note = (KEY_FORM_NOTE if moved else SOURCE_CHANGED_NOTE).format(old=job.key[:12], new=key[:12])
@@ -490,7 +506,7 @@ class Worker:
                 if not moved:
                     blog.warning("re-keyed: the experiment or the model changed since submit", job=job.id,
                                  submitted_key=job.key[:12], key=key[:12])
-                job = job._replace(key=key, model_key=ref.model_key)
+                job = job.replace(key=key, model_key=ref.model_key)
             settled.append(job)
         if changes:
             self.service.queue.rekey(self.id, changes)
@@ -504,7 +520,7 @@ class Worker:
         held = {j.id for j in jobs}
         keys = sorted({j.key for j in jobs})
         now_held = self.service.queue.join_bundle(self.id, bundle_id, backend_name, keys, self.settings.lease_s)
-        joined = [j for j in now_held if j.id not in held]
+        joined = [Job.from_row(j) for j in now_held if j.id not in held]
         if joined:
             beat.add([j.id for j in joined])
             blog.info("queued jobs of the same computations joined the bundle", joined=len(joined))
@@ -522,14 +538,18 @@ class Worker:
         # Experiment errors are the experiment's: no blind retry. Storage errors are ours: retry.
         experiment_errors = [(j, e) for j, e in failed if not outcomes[j].ok]
         store_errors = [(j, e) for j, e in failed if outcomes[j].ok]
-        counts = queue.finish(self.id, completed=completed, bundle_id=bundle_id)
-        crashpoints.reached("finished")
-        if experiment_errors:
-            counts["failed"] += queue.fail_permanently(self.id, experiment_errors, bundle_id)
-        if store_errors:
-            more = queue.finish(self.id, failed=store_errors, retry_delay_s=self.retry_delay(1))
+
+        def record(tx: Outcomes) -> dict[str, int]:
+            counts = {"completed": tx.complete(self.id, completed), "retried": 0, "failed": 0}
+            counts["failed"] += tx.fail(self.id, experiment_errors)["failed"]
+            more = tx.fail(self.id, store_errors, retry_in_s=self.retry_delay(1))
             counts["retried"] += more["retried"]
             counts["failed"] += more["failed"]
+            tx.close_bundle(bundle_id)
+            return counts
+
+        counts = queue.in_transaction(record, name="finish bundle")
+        crashpoints.reached("finished")
         self.count(counts)
         blog.info("bundle finished", seconds=round(time.time() - started, 3), **counts)
 
@@ -555,7 +575,7 @@ class Worker:
                     size = stored[job.key] = self.service.store.put(
                         job.key,
                         outcome.result or {},
-                        info={"experiment": job.experiment, "model": job.model, "params": json.loads(job.params),
+                        info={"experiment": job.experiment, "model": job.model, "params": job.params,
                               "job": job_id},
                     )
             except NdifJobsError as exc:
@@ -569,19 +589,26 @@ class Worker:
 
     def handle_failure(self, bundle_id: str, job_ids: list[str], error: str, bundle_error: str | None = None) -> None:
         """Fail a bundle's jobs for good (no retry can help) and close the bundle."""
-        queue = self.service.queue
-        self.count({"failed": queue.fail_permanently(self.id, [(j, error) for j in job_ids], bundle_id)})
-        queue.finish(self.id, bundle_id=bundle_id, bundle_error=bundle_error or error)
+
+        def record(tx: Outcomes) -> dict[str, int]:
+            counts = tx.fail(self.id, [(j, error) for j in job_ids])
+            tx.close_bundle(bundle_id, bundle_error or error)
+            return counts
+
+        self.count(self.service.queue.in_transaction(record, name="fail bundle"))
 
     def handle_retry(self, jobs: list[Any], bundle_id: str, message: str, blog: Any, exc_info: bool = False) -> None:
         """The bundle failed as a whole: its jobs back to the queue with backoff, an attempt spent."""
         message = scrub(message.splitlines()[0] if message else "failed")
         blog.error("bundle failed: its jobs will be retried", error=message, exc_info=exc_info)
-        counts = self.service.queue.finish(
-            self.id, failed=[(j.id, message) for j in jobs], bundle_id=bundle_id, bundle_error=message,
-            retry_delay_s=self.retry_delay(max(j.attempts for j in jobs)),
-        )
-        self.count(counts)
+        retry_in_s = self.retry_delay(max(j.attempts for j in jobs))
+
+        def record(tx: Outcomes) -> dict[str, int]:
+            counts = tx.fail(self.id, [(j.id, message) for j in jobs], retry_in_s=retry_in_s)
+            tx.close_bundle(bundle_id, message)
+            return counts
+
+        self.count(self.service.queue.in_transaction(record, name="retry bundle"))
 
     def count(self, counts: dict[str, int]) -> None:
         self.stats.bundles += 1

@@ -108,8 +108,8 @@ class RemoteExecution:
         reason = f"no answer from {backend.title} job {handle.remote_id} by the deadline: sent again"
         blog.warning(reason)
         self.bundles.abandon(bundle_id, reason)
-        self.worker.count(self.worker.service.queue.finish(self.worker.id, failed=[(j, reason) for j in job_ids],
-                                                           retry_delay_s=0.0))
+        self.worker.count(self.worker.service.queue.fail(self.worker.id, [(j, reason) for j in job_ids],
+                                                         retry_in_s=0.0))
 
     # -- splitting -----------------------------------------------------------------------
 
@@ -122,8 +122,7 @@ class RemoteExecution:
             worker.handle_failure(bundle_id, [jobs[0].id], f"{backend.title}: {short}", bundle_error=short)
             return
         blog.warning("remote error for the bundle: splitting it to find the job at fault", error=short)
-        worker.service.queue.finish(worker.id, bundle_id=bundle_id,
-                                    bundle_error=f"split after {backend.title} error: {short}")
+        worker.service.queue.close_bundle(bundle_id, f"split after {backend.title} error: {short}")
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
             worker.run_bundle(backend.name, jobs[0].model, part)

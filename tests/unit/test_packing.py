@@ -23,7 +23,7 @@ PROMPTS = ["Hi", "The cat sat", "A longer prompt than the others here", "One two
 
 @pytest.fixture(scope="module")
 def model(tiny_llama: Path) -> Any:
-    from ndif_jobs.models import load_local_model, resolve_model
+    from ndif_jobs.model_refs import load_local_model, resolve_model
 
     return load_local_model(resolve_model(str(tiny_llama)), tiny_llama, device="cpu")
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ndif_jobs.db.engine import dispose_engines, open_database
-from ndif_jobs.db.queue import NewJob, Queue, Runnable
+from ndif_jobs.db.queue import NewJob, Outcomes, Queue, Runnable
 from ndif_jobs.errors import JobNotFound
 
 
@@ -114,15 +114,15 @@ def test_queued_jobs_of_a_bundles_key_join_it(queue: Queue) -> None:
     assert queue.get(b.id).state == "running" and queue.get(b.id).bundle_id == bundle
     assert queue.get(c.id).state == "queued" and queue.get(d.id).state == "queued"  # other key, other backend
     assert queue.bundle(bundle).job_count == 2
-    assert queue.finish("w", completed=[(j.id, "a" * 64, 1) for j in held], bundle_id=bundle)["completed"] == 2
+    assert queue.complete("w", [(j.id, "a" * 64, 1) for j in held]) == 2
 
 
 def test_cancel_stops_active_jobs_and_leaves_finished_ones(queue: Queue) -> None:
     a, b, c = queue.enqueue([job(1), job(2), job(3)])
     queue.claim("w", limit=2, lease_s=60)
-    queue.finish("w", completed=[(a.id, "k" * 64, 1)])
+    queue.complete("w", [(a.id, "k" * 64, 1)])
     assert queue.cancel([a.id, b.id, c.id]) == {a.id: "completed", b.id: "cancelled", c.id: "cancelled"}
-    assert queue.finish("w", completed=[(b.id, "k" * 64, 1)])["completed"] == 0  # its worker lost it
+    assert queue.complete("w", [(b.id, "k" * 64, 1)]) == 0  # its worker lost it
     assert queue.claim("w", limit=5, lease_s=60) == []
     with pytest.raises(JobNotFound):
         queue.cancel(["0123456789ab"])
@@ -131,7 +131,7 @@ def test_cancel_stops_active_jobs_and_leaves_finished_ones(queue: Queue) -> None
 def test_retry_requeues_finished_jobs_with_a_fresh_budget_and_leaves_active_ones(queue: Queue) -> None:
     a, b = queue.enqueue([job(1, max_attempts=1), job(2)])
     queue.claim("w", limit=1, lease_s=60)
-    assert queue.finish("w", failed=[(a.id, "boom")])["failed"] == 1
+    assert queue.fail("w", [(a.id, "boom")], retry_in_s=0)["failed"] == 1
     assert queue.retry([a.id, b.id]) == {a.id: "queued", b.id: "queued"}
     row = queue.get(a.id)
     assert (row.state, row.attempts, row.error, row.finished_at) == ("queued", 0, None, None)
@@ -143,21 +143,27 @@ def test_retry_requeues_finished_jobs_with_a_fresh_budget_and_leaves_active_ones
 def test_failing_for_good_spends_no_more_attempts(queue: Queue) -> None:
     (a,) = queue.enqueue([job(1, max_attempts=5)])
     queue.claim("w", limit=1, lease_s=60)
-    assert queue.fail_permanently("other", [(a.id, "not its job")]) == 0
-    assert queue.fail_permanently("w", [(a.id, "InvalidParams: bad layer")]) == 1
+    assert queue.fail("other", [(a.id, "not its job")])["failed"] == 0
+    assert queue.fail("w", [(a.id, "InvalidParams: bad layer")])["failed"] == 1
     row = queue.get(a.id)
     assert (row.state, row.error, row.attempts) == ("failed", "InvalidParams: bad layer", 1)
     assert outcomes(queue, a.id) == ["failed"]
 
 
-def test_finishing_closes_the_bundle_completed_or_failed(queue: Queue) -> None:
+def test_closing_a_bundle_marks_it_completed_or_failed(queue: Queue) -> None:
     a, b = queue.enqueue([job(1), job(2)])
     queue.claim("w", limit=2, lease_s=60)
     good = queue.start_bundle("w", "local", "local:m", [a.id])
     bad = queue.start_bundle("w", "local", "local:m", [b.id])
     assert queue.get(a.id).state == "running" and queue.get(a.id).bundle_id == good
-    queue.finish("w", completed=[(a.id, "k" * 64, 3)], bundle_id=good)
-    queue.finish("w", failed=[(b.id, "OSError: disk")], bundle_id=bad, bundle_error="OSError: disk", retry_delay_s=0)
+    queue.complete("w", [(a.id, "k" * 64, 3)])
+    queue.close_bundle(good)
+
+    def fail_bad(tx: Outcomes) -> None:
+        tx.fail("w", [(b.id, "OSError: disk")], retry_in_s=0)
+        tx.close_bundle(bad, "OSError: disk")
+
+    queue.in_transaction(fail_bad)
     assert (queue.bundle(good).state, queue.bundle(good).error) == ("completed", None)
     assert (queue.bundle(bad).state, queue.bundle(bad).error) == ("failed", "OSError: disk")
     assert queue.get(b.id).state == "queued"  # attempts left: back in the queue
@@ -166,7 +172,7 @@ def test_finishing_closes_the_bundle_completed_or_failed(queue: Queue) -> None:
 def test_a_long_error_is_stored_clipped(queue: Queue) -> None:
     (a,) = queue.enqueue([job(1, max_attempts=1)])
     queue.claim("w", limit=1, lease_s=60)
-    queue.finish("w", failed=[(a.id, "x" * 100_000)])
+    queue.fail("w", [(a.id, "x" * 100_000)], retry_in_s=0)
     error = queue.get(a.id).error
     assert len(error) < 5000 and error.endswith("more characters)")
 
@@ -189,6 +195,32 @@ def test_the_claim_takes_only_what_the_worker_can_run(queue: Queue) -> None:
 def test_the_claim_takes_the_highest_priority_first_and_skips_jobs_not_yet_due(queue: Queue) -> None:
     low, high = queue.enqueue([job(1), job(2, priority=9)])
     queue.claim("w", limit=1, lease_s=60)
-    queue.finish("w", failed=[(high.id, "later")], retry_delay_s=60)
+    queue.fail("w", [(high.id, "later")], retry_in_s=60)
     (taken,) = queue.claim("w", limit=5, lease_s=60)
     assert taken.id == low.id  # the high one waits out its retry delay
+
+
+def test_a_sweeps_jobs_carry_its_name_and_row_and_are_listed_and_counted_alone(queue: Queue) -> None:
+    queue.enqueue([job(1, sweep="grid", sweep_row=0), job(2, sweep="grid", sweep_row=1), job(3)])
+    rows = queue.list_jobs(sweep="grid", newest_first=False)
+    assert [(r.sweep, r.sweep_row) for r in rows] == [("grid", 0), ("grid", 1)]
+    assert queue.counts(sweep="grid")["queued"] == 2
+    assert queue.counts()["queued"] == 3
+    assert queue.list_jobs(sweep="other") == []
+
+
+def test_outcomes_recorded_together_are_all_or_nothing(queue: Queue) -> None:
+    a, b = queue.enqueue([job(1), job(2)])
+    queue.claim("w", limit=2, lease_s=60)
+    bundle = queue.start_bundle("w", "local", "local:m", [a.id, b.id])
+
+    def record_then_fail(tx: Outcomes) -> None:
+        tx.complete("w", [(a.id, "k" * 64, 1)])
+        tx.fail("w", [(b.id, "boom")])
+        tx.close_bundle(bundle)
+        raise RuntimeError("the worker's own error, after the writes")
+
+    with pytest.raises(RuntimeError):
+        queue.in_transaction(record_then_fail)
+    assert [queue.get(j.id).state for j in (a, b)] == ["running", "running"]
+    assert queue.bundle(bundle).state == "running"

@@ -18,7 +18,7 @@ from ndif_jobs.db.engine import dispose_engines
 from ndif_jobs.db.queue import NewJob
 from ndif_jobs.errors import RemoteJobError, Unavailable
 from ndif_jobs.keys import computation_keys
-from ndif_jobs.models import ModelRef, resolve_model
+from ndif_jobs.model_refs import ModelRef, resolve_model
 from ndif_jobs.service import Service
 from ndif_jobs.settings import Settings
 from ndif_jobs.worker import Worker

@@ -299,7 +299,8 @@ def load_local_model(ref: ModelRef, models_dir: Path, device: str | None = None,
             hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
         except OSError as exc:
             raise UnknownModel(f"cannot load model {ref.spec!r} locally: {str(exc).splitlines()[0]}") from None
-        hf_model.to(device).eval()
+        # Module.to directly: transformers' `to` wrapper is typed as an unbound function.
+        torch.nn.Module.to(hf_model, device).eval()
         hf_model.requires_grad_(False)
         model = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
         # Drop older models: a worker usually serves one model at a time.
