@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 from .. import crashpoints
 from ..errors import ResultCorrupt, ResultMissing, StoreError
+from .backend import StoreBackend
 from .codec import decode_manifest, encode_manifest, flatten, is_sealed, new_manifest, unflatten
 from .safetensors_io import map_safetensors, write_safetensors
 
@@ -154,11 +155,14 @@ class StoredInfo:
     created_at: float
 
 
-class ResultStore:
-    """Results on disk, keyed by cache key. Safe for several processes at once."""
+class ResultStore(StoreBackend):
+    """Results in a folder on this machine, keyed by cache key. Safe for several processes at once."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def location(self, key: str | None = None) -> str:
+        return str(self.root if key is None else self.path_for(key))
 
     def path_for(self, key: str) -> Path:
         if not is_key(key):
@@ -306,11 +310,6 @@ class ResultStore:
                 except OSError:
                     size, created = 0, 0.0
                 yield StoredInfo(key=folder.name, path=folder, bytes=size, created_at=created)
-
-    def remove(self, key: str) -> int:
-        """Remove a result; returns the bytes freed. Raises `OSError` if it cannot be moved out."""
-        trash = self.take_out(key)
-        return self.purge(trash) if trash is not None else 0
 
     def take_out(self, key: str) -> Path | None:
         """Move a result out of its place into a `.trash-*` folder (atomic: a reader sees the whole

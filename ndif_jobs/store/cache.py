@@ -1,0 +1,249 @@
+"""This machine's copies of results that live in an object store, so that loading still maps.
+
+A result fetched from the object store lands in a `ResultStore` folder under
+`NDIF_JOBS_HOME/cache/results`, laid out as the local store is, with one file more:
+`verified.json`, the stat stamp of each data file taken once its sha256 matched the manifest.
+The manifest's own stamps describe the file on the machine that wrote it and never match a
+downloaded copy, so without this every load would re-hash; with it a copy is verified once, on
+arrival, and trusted by its stat from then on exactly as a local result is (`store.py`).
+
+The cache is bounded (`NDIF_JOBS_CACHE_MAX`): before a result is added, the least recently used
+ones are removed until it fits. Each `get` touches `verified.json` (its mtime is the last use).
+Removing a copy a reader has mapped is safe: its mapping outlives the file. Measuring the cache
+means a stat of every file in it, which for a thousand results fetched in a row would cost more
+than fetching them; so between measurements, at most `RESCAN_S` apart, the size is counted up
+from what this process adds (what other processes add meanwhile is seen at the next one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import ResultCorrupt
+from .codec import encode_manifest, flatten, new_manifest
+from .safetensors_io import _Hasher, _header, _Staging, _tensor_pieces, _write_all
+from .store import MANIFEST_FILE, TENSOR_FILE, ResultStore, StoredResult, _fsync_dir, _settled_stamp, _stamp
+
+VERIFIED_FILE = "verified.json"
+#: Seconds the cache's counted size is trusted before it is measured again.
+RESCAN_S = 5.0
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A result written into a temporary folder of the cache, not yet synced nor in place."""
+
+    key: str
+    folder: Path
+    manifest_body: bytes
+    files: dict[str, Path]
+    stamps: dict[str, Any]
+    bytes: int
+
+
+class ResultCache(ResultStore):
+    """A bounded, least-recently-used-first folder of results copied from elsewhere."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        super().__init__(root)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._counted: tuple[int, float] | None = None  # bytes, and when they were last measured
+
+    def _check_open(self, key: str, name: str, entry: Any, f: BinaryIO, full: bool) -> None:
+        if not full and isinstance(entry, dict):
+            verified = self._verified(key).get(name)
+            if verified is not None and verified == _stamp(os.fstat(f.fileno())):
+                return
+        super()._check_open(key, name, entry, f, full)
+
+    def _verified(self, key: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.path_for(key) / VERIFIED_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str, verify: bool = False) -> StoredResult:
+        stored = super().get(key, verify=verify)
+        try:
+            os.utime(stored.path / VERIFIED_FILE)
+        except OSError:
+            pass
+        return stored
+
+    def add(self, key: str, manifest_body: bytes, manifest: Mapping[str, Any], fetch: Any) -> None:
+        """Place a result here: `fetch(name, path)` downloads each data file into a temporary
+        folder, each is checked against `manifest`, and the folder is renamed into place only
+        when all are. On any failure nothing is left behind and the cache is as it was."""
+        files = manifest["files"]
+        self.make_room(sum(int(e.get("bytes", 0)) for e in files.values()) + len(manifest_body))
+        final = self.path_for(key)
+        tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.mkdir(mode=0o700)
+            stamps: dict[str, Any] = {}
+            for name, entry in files.items():
+                path = tmp / self.data_name(key, name)
+                fetch(name, path)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                    super()._check_open(key, name, entry, f, full=True)
+                    stamps[name] = _settled_stamp(os.fstat(f.fileno()))
+            (tmp / MANIFEST_FILE).write_bytes(manifest_body)
+            (tmp / VERIFIED_FILE).write_text(json.dumps(stamps))
+            _fsync_dir(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / MANIFEST_FILE).exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # fetched by another process meanwhile
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def stage(self, key: str, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Staged:
+        """Write a result into a temporary folder here, hashing while writing but not syncing, so
+        that its data files can go up to the object store at once while `sync` flushes them.
+        The files and manifest are the ones `put` writes; `settle` puts them in place."""
+        structure, tensors = flatten(result)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(mode=0o700)
+        try:
+            path = folder / TENSOR_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                sha256, size = _write_hashed(fd, tensors)
+                stamp = _settled_stamp(os.fstat(fd))
+            finally:
+                os.close(fd)
+            files = {TENSOR_FILE: {"sha256": sha256, "bytes": size, "stat": stamp}}
+            body = encode_manifest(new_manifest(key, info or {}, files, structure, tensors))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Staged(key, folder, body, {TENSOR_FILE: path}, {TENSOR_FILE: stamp}, size + len(body))
+
+    def sync(self, staged: Staged) -> None:
+        """fsync a staged result's data files (the slow part of writing it; runs beside the upload)."""
+        for path in staged.files.values():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def settle(self, staged: Staged) -> None:
+        """Put a synced staged result in place, verified (this machine wrote it). A copy already
+        there (another process's) is kept and the staged one dropped."""
+        try:
+            with open(staged.folder / MANIFEST_FILE, "wb") as f:
+                f.write(staged.manifest_body)
+                os.fsync(f.fileno())
+            (staged.folder / VERIFIED_FILE).write_text(json.dumps(staged.stamps))
+            _fsync_dir(staged.folder)
+            final = self.path_for(staged.key)
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                os.rename(staged.folder, final)
+            except OSError:
+                if not (final / MANIFEST_FILE).exists():
+                    raise
+                self.drop(staged)
+                return
+            _fsync_dir(final.parent)
+        except BaseException:
+            self.drop(staged)
+            raise
+        self._count(staged.bytes)
+
+    def drop(self, staged: Staged) -> None:
+        shutil.rmtree(staged.folder, ignore_errors=True)
+
+    def data_name(self, key: str, name: str) -> str:
+        """A data file's name as the manifest gives it, refused unless it is a plain file name."""
+        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST_FILE, VERIFIED_FILE) or "/" in name:
+            raise ResultCorrupt(f"result {key[:12]}: manifest.json names a bad file {name!r}")
+        return name
+
+    def mark_verified(self, key: str, stamps: Mapping[str, Any]) -> None:
+        """Record stamps of files known good (a copy this machine wrote itself: the manifest's)."""
+        try:
+            (self.path_for(key) / VERIFIED_FILE).write_text(json.dumps(dict(stamps)))
+        except OSError:
+            pass  # only costs a re-hash on the next load
+
+    def used_bytes(self) -> int:
+        return sum(info.bytes for info in self.iter_stored())
+
+    def put(self, key: str, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> int:
+        size = super().put(key, result, info)
+        self._count(size)
+        return size
+
+    def _count(self, added: int) -> bool:
+        """Add to the counted size; whether that count is recent and still within the bound."""
+        with self._lock:
+            if self._counted is None:
+                return False
+            used, measured_at = self._counted
+            self._counted = (used + added, measured_at)
+            return used + added <= self.max_bytes and time.monotonic() - measured_at < RESCAN_S
+
+    def make_room(self, incoming: int) -> int:
+        """Remove the least recently used copies until `incoming` more bytes fit; returns how many."""
+        if self._count(incoming):
+            return 0
+        entries = []
+        for info in self.iter_stored():
+            try:
+                used = (info.path / VERIFIED_FILE).stat().st_mtime
+            except OSError:
+                used = info.created_at
+            entries.append((used, info))
+        total = sum(info.bytes for _, info in entries)
+        removed = 0
+        for _, info in sorted(entries, key=lambda e: e[0]):
+            if total + incoming <= self.max_bytes:
+                break
+            try:
+                total -= self.remove(info.key)
+                removed += 1
+            except OSError:
+                continue
+        with self._lock:
+            self._counted = (total + incoming, time.monotonic())
+        return removed
+
+
+def _write_hashed(fd: int, tensors: Mapping[str, Any]) -> tuple[str, int]:
+    """The safetensors file `write_safetensors` writes, hashed on a second thread as it is
+    written, without its fsync (`ResultCache.sync` does that beside the upload)."""
+    head, order = _header(tensors, {})
+    staging = _Staging()
+    hasher = _Hasher(staging)
+    try:
+        hasher.update((memoryview(head), None))
+        _write_all(fd, memoryview(head))
+        for name, _nbytes in order:
+            for piece in _tensor_pieces(tensors[name], staging):
+                hasher.update(piece)
+                _write_all(fd, piece[0])
+        digest = hasher.hexdigest()
+    finally:
+        hasher.close(abort=True)
+    return digest, len(head) + sum(nbytes for _, nbytes in order)
