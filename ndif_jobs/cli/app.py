@@ -224,15 +224,6 @@ def ago(t: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def size_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def styled_state(state: str) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 import typer
 
 from ..errors import NdifJobsError
-from .app import STATE_STYLES, console, jobs_table, output, print_json, service, size_text, table
+from ..units import size_text
+from .app import STATE_STYLES, console, jobs_table, output, print_json, service, table
 
 
 def register(app: typer.Typer, only: str | None = None) -> None:

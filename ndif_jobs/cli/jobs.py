@@ -12,7 +12,8 @@ import typer
 
 from ..errors import BadInput
 from ..states import JobState
-from .app import ago, console, jobs_table, output, print_json, service, size_text, styled_state
+from ..units import size_text
+from .app import ago, console, jobs_table, output, print_json, service, styled_state
 
 T = TypeVar("T")
 

@@ -10,7 +10,8 @@ from typing import Any
 import typer
 
 from ..errors import BadInput
-from .app import ago, console, print_json, service, size_text
+from ..units import size_text
+from .app import ago, console, print_json, service
 
 
 def register(app: typer.Typer, only: str | None = None) -> None:

@@ -25,7 +25,8 @@ def pull(
     """Fetch results from the shared object store into this machine's cache (for offline work)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..cli.app import console, service, size_text
+    from ..cli.app import console, service
+    from ..units import size_text
     from .config import open_store, store_url
     from .remote import ObjectResultStore
 

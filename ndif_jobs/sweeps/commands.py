@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ..errors import BadInput
+from ..units import size_text
 
 if TYPE_CHECKING:
     from ..db.sweeps import Progress
@@ -135,7 +136,7 @@ def _print_plan(s: dict[str, Any], dry_run: bool) -> None:
     print(f"  already in the sweep: {s['already_in_sweep']}")
     print(f"  stored already (served cached): {s['stored']}")
     print(f"  to run: {s['to_run']} (requests: {requests})")
-    print(f"  estimated result bytes: {_bytes(s['estimated_bytes'])}")
+    print(f"  estimated result bytes: {size_text(s['estimated_bytes'])}")
     if dry_run:
         print("dry run: nothing queued")
     else:
@@ -166,13 +167,6 @@ def progress_line(item: dict[str, Any]) -> str:
             f"  {rate}  {eta_text}{stamp}")
 
 
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _duration(seconds: float) -> str:
