@@ -417,3 +417,34 @@ def test_prefetch_fills_an_empty_cache_in_parallel_and_names_what_it_could_not_f
     assert list(errors) == [missing] and isinstance(errors[missing], ResultMissing)
     s3["server"].stop()
     assert [float(reader.get(key).values["logit_diff"][0]) for key in keys] == [float(i) for i in range(40)]
+
+
+def test_a_result_over_one_part_is_hashed_as_it_downloads_and_a_flipped_byte_in_a_middle_part_refused(
+    s3, env, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    """The transfer manager reads a large object in parallel ranged parts; they reach the hash in
+    order, so an intact result loads and one byte changed inside a middle part is refused."""
+    import boto3
+    import torch
+
+    from ndif_jobs.errors import ResultCorrupt
+    from ndif_jobs.settings import Settings
+    from ndif_jobs.store.config import open_store
+    from ndif_jobs.store.s3 import PART_BYTES
+
+    values = torch.arange(3 * PART_BYTES // 4, dtype=torch.float32)  # three parts' worth of bytes
+    writer = open_store(Settings(home=tmp_path / "a"))
+    intact, damaged = "a1" * 32, "b2" * 32
+    writer.put(intact, {"x": values})
+    writer.put(damaged, {"x": values})
+    assert torch.equal(open_store(Settings(home=tmp_path / "b")).get(intact).values["x"], values)
+
+    (tensor_object,) = [name for name in objects(s3) if damaged in name and name.endswith(".safetensors")]
+    client = boto3.client("s3")
+    data = bytearray(client.get_object(Bucket=s3["bucket"], Key=tensor_object)["Body"].read())
+    data[PART_BYTES + 12345] ^= 0x01
+    client.put_object(Bucket=s3["bucket"], Key=tensor_object, Body=bytes(data))
+    reader = open_store(Settings(home=tmp_path / "c"))
+    with pytest.raises(ResultCorrupt, match="does not match its checksum"):
+        reader.get(damaged)
+    assert not reader.cache.exists(damaged)

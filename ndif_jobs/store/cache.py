@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +32,9 @@ from ..errors import ResultCorrupt
 from .codec import encode_manifest, flatten, new_manifest
 from .safetensors_io import _Hasher, _header, _Staging, _tensor_pieces, _write_all
 from .store import MANIFEST_FILE, TENSOR_FILE, ResultStore, StoredResult, _fsync_dir, _settled_stamp, _stamp
+
+#: Downloads one data file of a result to a path; returns the sha256 (hex) and size it wrote.
+Fetch = Callable[[str, Path], tuple[str, int]]
 
 VERIFIED_FILE = "verified.json"
 #: Seconds the cache's counted size is trusted before it is measured again.
@@ -81,10 +84,11 @@ class ResultCache(ResultStore):
             pass
         return stored
 
-    def add(self, key: str, manifest_body: bytes, manifest: Mapping[str, Any], fetch: Any) -> None:
+    def add(self, key: str, manifest_body: bytes, manifest: Mapping[str, Any], fetch: Fetch) -> None:
         """Place a result here: `fetch(name, path)` downloads each data file into a temporary
-        folder, each is checked against `manifest`, and the folder is renamed into place only
-        when all are. On any failure nothing is left behind and the cache is as it was."""
+        folder and returns the sha256 and size of the bytes it wrote; each is checked against
+        `manifest`, and the folder is renamed into place only when all are. On any failure
+        nothing is left behind and the cache is as it was."""
         files = manifest["files"]
         self.make_room(sum(int(e.get("bytes", 0)) for e in files.values()) + len(manifest_body))
         final = self.path_for(key)
@@ -95,10 +99,13 @@ class ResultCache(ResultStore):
             stamps: dict[str, Any] = {}
             for name, entry in files.items():
                 path = tmp / self.data_name(key, name)
-                fetch(name, path)
+                if not isinstance(entry, dict):
+                    raise ResultCorrupt(f"result {key[:12]}: manifest.json has a bad entry for {name}")
+                sha256, size = fetch(name, path)
+                if (sha256, size) != (entry.get("sha256"), entry.get("bytes")):
+                    raise ResultCorrupt(f"result {key[:12]}: {name} does not match its checksum")
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-                    super()._check_open(key, name, entry, f, full=True)
                     stamps[name] = _settled_stamp(os.fstat(f.fileno()))
             (tmp / MANIFEST_FILE).write_bytes(manifest_body)
             (tmp / VERIFIED_FILE).write_text(json.dumps(stamps))

@@ -147,10 +147,11 @@ class ObjectResultStore(StoreBackend):
         body, manifest, write = self._remote_manifest(key)
         folder = self._folder(key) + write + "/"
 
-        def fetch_file(name: str, path: Path) -> None:
+        def fetch_file(name: str, path: Path) -> tuple[str, int]:
             size = manifest["files"][name].get("bytes") if isinstance(manifest["files"][name], dict) else None
             try:
-                self.bucket.download(folder + name, path, size if isinstance(size, int) else None)
+                got = self.bucket.download(folder + name, path, size if isinstance(size, int) else None)
+                return got.sha256, got.bytes
             except ResultMissing:
                 raise ResultCorrupt(f"result {key[:12]} in {self.bucket.url}: {name} is missing") from None
 

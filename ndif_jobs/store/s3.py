@@ -14,12 +14,13 @@ writers of one key only the first commits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from ..errors import BadInput, ResultMissing, StoreError
@@ -32,6 +33,30 @@ PART_BYTES = 8 << 20
 _DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
            "InvalidClientTokenId", "UnrecognizedClientException", "403", "Forbidden"}
 _HOW_TO_AUTH = "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials"
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """What a download wrote: its sha256 (hex) and size, taken from the bytes as they passed."""
+
+    sha256: str
+    bytes: int
+
+
+class _HashingWriter:
+    """A file that hashes what is written to it. It says it cannot seek, so boto3's transfer
+    manager writes the parts in order (holding early ones back) instead of seeking between them."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.digest, self.written = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.written += len(data)
+        return self.f.write(data)
+
+    def seekable(self) -> bool:
+        return False
 
 
 class CommitRaced(Exception):
@@ -173,23 +198,27 @@ class S3Bucket:
         with self.errors("write", name):
             self.client.upload_file(str(path), self.bucket, self._key(name), Config=self._transfer)
 
-    def download(self, name: str, path: Path, size: int | None = None) -> None:
-        """Download an object into a file. One `size` says is smaller than a part is read in one
-        request (the transfer manager would first ask for its size, then read it)."""
+    def download(self, name: str, path: Path, size: int | None = None) -> Downloaded:
+        """Download an object into a file, hashing its bytes as they are written (so the caller
+        checks them without reading the file again). One `size` says is smaller than a part is
+        read in one request (the transfer manager would first ask for its size, then read it);
+        a larger one goes through the transfer manager's parallel ranged reads, which it hands
+        over in order to a writer that cannot seek."""
         self.client  # noqa: B018 - creating the client first turns bad credentials or settings into one error
-        with self.errors("read", name):
+        with self.errors("read", name), open(path, "wb") as f:
+            writer = _HashingWriter(f)
             try:
                 if size is not None and size < PART_BYTES:
                     response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
-                    with open(path, "wb") as f:
-                        for chunk in response["Body"].iter_chunks(1 << 20):
-                            f.write(chunk)
+                    for chunk in response["Body"].iter_chunks(1 << 20):
+                        writer.write(chunk)
                 else:
-                    self.client.download_file(self.bucket, self._key(name), str(path), Config=self._transfer)
+                    self.client.download_fileobj(self.bucket, self._key(name), writer, Config=self._transfer)
             except Exception as exc:
                 if _is_missing(exc):
                     raise ResultMissing(f"{self.url}/{name} does not exist") from None
                 raise
+            return Downloaded(sha256=writer.digest.hexdigest(), bytes=writer.written)
 
     def iter_objects(self, under: str = "") -> Iterator[ObjectInfo]:
         with self.errors("list", under):
