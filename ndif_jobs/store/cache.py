@@ -84,43 +84,67 @@ class ResultCache(ResultStore):
             pass
         return stored
 
-    def add(self, key: str, manifest_body: bytes, manifest: Mapping[str, Any], fetch: Fetch) -> None:
-        """Place a result here: `fetch(name, path)` downloads each data file into a temporary
-        folder and returns the sha256 and size of the bytes it wrote; each is checked against
-        `manifest`, and the folder is renamed into place only when all are. On any failure
-        nothing is left behind and the cache is as it was."""
+    def arrive(self, key: str, manifest_body: bytes, manifest: Mapping[str, Any], fetch: Fetch,
+               sync: bool) -> Path:
+        """Download a result into a temporary folder of the cache: `fetch(name, path)` downloads
+        each data file and returns the sha256 and size of the bytes it wrote, each checked against
+        `manifest`; `place` then moves the folder in, so a result appears whole or not at all and
+        a failure leaves nothing behind.
+        With `sync` its files are on disk when this returns; without, a `sync_all` must follow
+        before it is placed (many arrivals then cost one filesystem sync, not three each)."""
         files = manifest["files"]
-        self.make_room(sum(int(e.get("bytes", 0)) for e in files.values()) + len(manifest_body))
-        final = self.path_for(key)
+        self.make_room(sum(int(e.get("bytes", 0)) for e in files.values() if isinstance(e, dict))
+                       + len(manifest_body))
         tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp.mkdir(mode=0o700)
             stamps: dict[str, Any] = {}
             for name, entry in files.items():
-                path = tmp / self.data_name(key, name)
                 if not isinstance(entry, dict):
                     raise ResultCorrupt(f"result {key[:12]}: manifest.json has a bad entry for {name}")
+                path = tmp / self.data_name(key, name)
                 sha256, size = fetch(name, path)
                 if (sha256, size) != (entry.get("sha256"), entry.get("bytes")):
                     raise ResultCorrupt(f"result {key[:12]}: {name} does not match its checksum")
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-                    stamps[name] = _settled_stamp(os.fstat(f.fileno()))
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    if sync:
+                        os.fsync(fd)
+                    stamps[name] = _settled_stamp(os.fstat(fd))
+                finally:
+                    os.close(fd)
             (tmp / MANIFEST_FILE).write_bytes(manifest_body)
             (tmp / VERIFIED_FILE).write_text(json.dumps(stamps))
-            _fsync_dir(tmp)
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / MANIFEST_FILE).exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # fetched by another process meanwhile
-            _fsync_dir(final.parent)
+            if sync:
+                _fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return tmp
+
+    def place(self, key: str, arrived: Path, sync: bool) -> None:
+        """Move a result `arrive` left in a temporary folder into place (with `sync`, durably).
+        A copy another process placed meanwhile is kept and this one dropped."""
+        final = self.path_for(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                os.rename(arrived, final)
+            except OSError:
+                if not (final / MANIFEST_FILE).exists():
+                    raise
+                shutil.rmtree(arrived, ignore_errors=True)
+            if sync:
+                _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(arrived, ignore_errors=True)
+            raise
+
+    def sync_all(self) -> None:
+        """Flush everything written under the cache to disk in one call (`syncfs` where the
+        system has it, else per-file through `sync`)."""
+        _sync_filesystem(self.root)
 
     def stage(self, key: str, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Staged:
         """Write a result into a temporary folder here, hashing while writing but not syncing, so
@@ -254,3 +278,22 @@ def _write_hashed(fd: int, tensors: Mapping[str, Any]) -> tuple[str, int]:
     finally:
         hasher.close(abort=True)
     return digest, len(head) + sum(nbytes for _, nbytes in order)
+
+
+def _sync_filesystem(path: Path) -> None:
+    """syncfs(2) on the filesystem holding `path`: one flush for many files just written."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)

@@ -18,6 +18,7 @@ against the manifest, renamed into the cache and memory-mapped from there. Offli
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -119,17 +120,27 @@ class ObjectResultStore(StoreBackend):
         if self.offline:
             return {}
 
-        def fetch(key: str) -> NdifJobsError | None:
+        def arrive(key: str) -> Path | NdifJobsError:
             try:
-                self.fetch(key)
+                return self._arrive(key, sync=False)[0]
             except NdifJobsError as exc:
                 return exc
-            return None
 
         unique = [key for key in dict.fromkeys(keys) if not self.cache.exists(key)]
         with ThreadPoolExecutor(PARALLEL_READS) as pool:
-            found = list(pool.map(fetch, unique))
-        return {key: exc for key, exc in zip(unique, found, strict=True) if exc is not None}
+            found = dict(zip(unique, pool.map(arrive, unique), strict=True))
+        arrived = [(key, path) for key, path in found.items() if isinstance(path, Path)]
+        try:
+            # Every copy is on disk before any is in place, and in place before this returns.
+            self.cache.sync_all()
+            while arrived:
+                key, path = arrived.pop()
+                self.cache.place(key, path, sync=False)
+            self.cache.sync_all()
+        finally:
+            for _key, path in arrived:
+                shutil.rmtree(path, ignore_errors=True)
+        return {key: exc for key, exc in found.items() if isinstance(exc, NdifJobsError)}
 
     def get(self, key: str, verify: bool = False) -> StoredResult:
         """From the cache; fetched into it first if it is not there (online)."""
@@ -144,6 +155,13 @@ class ObjectResultStore(StoreBackend):
         returns its bytes. A result already cached is not fetched again."""
         if self.cache.exists(key):
             return 0
+        arrived, size = self._arrive(key, sync=True)
+        self.cache.place(key, arrived, sync=True)
+        return size
+
+    def _arrive(self, key: str, sync: bool) -> tuple[Path, int]:
+        """Download a result and check it into a temporary folder of the cache
+        (`ResultCache.arrive`); returns the folder and the bytes fetched."""
         body, manifest, write = self._remote_manifest(key)
         folder = self._folder(key) + write + "/"
 
@@ -156,11 +174,11 @@ class ObjectResultStore(StoreBackend):
                 raise ResultCorrupt(f"result {key[:12]} in {self.bucket.url}: {name} is missing") from None
 
         try:
-            self.cache.add(key, body, manifest, fetch_file)
+            arrived = self.cache.arrive(key, body, manifest, fetch_file, sync=sync)
         except ResultCorrupt as exc:
             raise ResultCorrupt(f"{exc} (downloaded from {self.bucket.url}; `ndif-jobs verify` names its jobs)") \
                 from None
-        return sum(int(e.get("bytes", 0)) for e in manifest["files"].values()) + len(body)
+        return arrived, sum(int(e.get("bytes", 0)) for e in manifest["files"].values()) + len(body)
 
     def check(self, key: str, full: bool = True) -> dict[str, Any]:
         """The bucket's copy, checked: with `full`, every data file streamed and re-hashed (this
