@@ -25,9 +25,10 @@ time on a client with as many connections:
 
 - manifests: `ObjectResultStore.manifests(keys)` (what `collect`'s table needs) against parallel
   `get_object` of the same manifest objects;
-- results: `ObjectResultStore.prefetch(keys)` (manifest, tensor file, sha256 check, fsync,
-  rename, per result) and the same without it (`get` one result after another, as `.stack` does
-  today), against parallel `get_object` of every manifest and every tensor file.
+- results: `ObjectResultStore.prefetch(keys)` alone (manifest, tensor file, sha256 check, per
+  result; one filesystem sync, the renames, one more sync), then followed by `get` of each from
+  the cache (what `collect` does: the local reads and memory maps), and `get` of one result after
+  another with no prefetch, against parallel `get_object` of every manifest and tensor file.
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def run_collect(n: int, repeats: int, work: Path) -> None:
     methods: list[tuple[str, Callable[[], object], bool]] = [
         ("ndif-jobs manifests", lambda: reader.manifests(keys), True),
         ("boto3 GET manifests", lambda: get_all(manifests), False),
+        ("ndif-jobs prefetch", lambda: reader.prefetch(keys), True),
         ("ndif-jobs prefetch + get", prefetch_then_get, True),
         ("ndif-jobs get one by one", every_get, True),
         ("boto3 GET manifests + tensors", lambda: get_all(manifests + tensors), False),
@@ -260,7 +262,8 @@ def run_collect(n: int, repeats: int, work: Path) -> None:
     print("|---|---|---|---|")
     print(row("ndif-jobs manifests", "boto3 GET manifests", n))
     print(row("boto3 GET manifests", "boto3 GET manifests", n))
-    for name in ("ndif-jobs prefetch + get", "ndif-jobs get one by one", "boto3 GET manifests + tensors"):
+    for name in ("ndif-jobs prefetch", "ndif-jobs prefetch + get", "ndif-jobs get one by one",
+                 "boto3 GET manifests + tensors"):
         print(row(name, "boto3 GET manifests + tensors", 2 * n))
 
 
