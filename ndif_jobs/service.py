@@ -68,6 +68,8 @@ class StatusReport:
     waiting_for_worker: dict[str, int]
     held_by_gone_workers: list[dict[str, Any]]
     at_ndif: list[dict[str, Any]]
+    #: Queued jobs waiting for NDIF to run their model: {model, jobs, reason} per model.
+    waiting_for_model: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,27 @@ class Service:
             waiting_for_worker=queue.needs_worker_counts(),
             held_by_gone_workers=self.held_by_gone_workers(),
             at_ndif=self.queue_remote_waiting(),
+            waiting_for_model=self.waiting_for_model(),
         )
+
+    def waiting_for_model(self) -> list[dict[str, Any]]:
+        """Queued jobs that the worker holds back while NDIF does not run their model, per model."""
+        from .db.remote import RemoteBundles
+        from .states import MODEL_WAIT_PREFIX
+
+        waits = RemoteBundles(self.queue.engine, db_retry_s=self.queue.db_retry_s).model_waits(MODEL_WAIT_PREFIX)
+        return [{"model": model, "jobs": n, "reason": reason} for model, n, reason in waits]
+
+    def time_lost(self, attempts: Sequence[Any]) -> float | None:
+        """Seconds between NDIF finishing a request and its jobs being sent again because the
+        result link had expired, summed over the job's attempts (None: no result was lost so)."""
+        lost = None
+        for bundle_id in {a.bundle_id for a in attempts if a.bundle_id}:
+            row = self.queue.bundle(bundle_id)
+            for entry in json.loads(row.status_history or "[]") if row is not None else []:
+                if entry.get("status") == "EXPIRED":
+                    lost = (lost or 0.0) + float(entry.get("lost_s") or 0.0)
+        return lost
 
     def held_by_gone_workers(self) -> list[dict[str, Any]]:
         """Workers of this host that hold jobs though their process is gone (killed, crashed)."""

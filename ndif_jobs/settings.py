@@ -118,7 +118,22 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="After NDIF reports an evicted replica, how long to wait for a late COMPLETED."
     )
     poll_min_s: float = Field(default=0.25, gt=0, description="First wait between polls of a submitted request.")
-    poll_max_s: float = Field(default=10.0, gt=0, description="Longest wait between polls of a submitted request.")
+    poll_max_s: float = Field(
+        default=10.0, gt=0, le=1800.0,
+        description="Longest wait between polls of a submitted request (at most half of the hour NDIF's result"
+        " link lives, so a completed result is never left to expire while the worker runs).",
+    )
+    allow_cold: bool = Field(
+        default=False,
+        description="Send bundles for a model NDIF lists as not deployed or cold (NDIF then deploys it, which can"
+        " take the slot of others); off: their jobs wait in the queue until NDIF lists the model running.",
+    )
+    status_cache_s: float = Field(
+        default=5.0, ge=0, description="How long the worker reuses one answer of NDIF's /status (model readiness)."
+    )
+    model_wait_s: float = Field(
+        default=30.0, gt=0, description="How often jobs waiting for a model NDIF does not run yet are looked at again."
+    )
     local_standins: dict[str, str] = Field(
         default_factory=dict,
         description='JSON map of remote model -> local stand-in for local runs, '

@@ -76,3 +76,8 @@ class AttemptOutcome(_Text):
     WORKER_GONE = "worker gone"
     #: Not an attempt: a note that the job was filed under a new key (see `Queue.rekey`).
     REKEYED = "re-keyed"
+
+
+#: How the error of a queued job held back while NDIF does not run its model begins (no attempt
+#: spent, not an error): `status` counts these apart from the jobs waiting to retry.
+MODEL_WAIT_PREFIX = "waiting for NDIF to run "

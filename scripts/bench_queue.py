@@ -429,27 +429,28 @@ def trial(op: str, system: str, folder: Path, args: argparse.Namespace) -> dict[
     shutil.rmtree(folder, ignore_errors=True)
     s = make(system, folder, args.pg)
     note = ""
+    cpu: float | None = None  # the process's CPU seconds, where all the work is in this process
     try:
         # The jobs (NewJobs, pickled dicts) are built before the clock starts, for every system.
         if op == "batch":
             payloads = s.prepare(args.batch)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s.batch(payloads)
-            n, dt = args.batch, time.perf_counter() - t0
+            n, dt, cpu = args.batch, time.perf_counter() - t0, time.process_time() - c0
             if system == "huey":
                 note = "no batch API: one-at-a-time"
         elif op == "submit":
             n, dt = submit_many(folder, args.batch // 5)
         elif op == "single":
             payloads = s.prepare(args.single)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n = 0
             for p in payloads:
                 s.single(p)
                 n += 1
                 if time.perf_counter() - t0 > args.cap:
                     break
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         elif op.startswith("claim"):
             bs = int(op.split()[1])
             s.fill(args.claims)
@@ -459,16 +460,18 @@ def trial(op: str, system: str, folder: Path, args: argparse.Namespace) -> dict[
                 if dups:
                     note = f"{dups} jobs handed out twice"
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 n = len(s.claim("w0", bs, t0 + args.cap))
-                dt = time.perf_counter() - t0
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             if n > args.claims:
                 note = (note + "; " if note else "") + f"{n} completions of {args.claims} jobs"
         else:
             raise ValueError(op)
     finally:
         s.close()
-    return {"rate": n / dt, "n": n, "seconds": dt, "note": note}
+    # A PostgreSQL server's own work is in another process: this process's CPU time says nothing.
+    cpu_rate = n / cpu if cpu and not system.endswith("PG") else None
+    return {"rate": n / dt, "cpu_rate": cpu_rate, "n": n, "seconds": dt, "note": note}
 
 
 def submit_many(folder: Path, n: int) -> tuple[int, float]:
@@ -546,19 +549,47 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print_table(results, ops, systems, args, time.time() - started)
+    print_cpu_table(results, ops, systems)
     if args.json:
         args.json.write_text(json.dumps([{"op": op, "system": s, **r} for (op, s), rs in results.items() for r in rs],
                                         indent=1))
 
 
-def median_rate(rs: list[dict[str, Any]]) -> float:
-    return statistics.median(r["rate"] for r in rs)
+def median_rate(rs: list[dict[str, Any]], field: str = "rate") -> float:
+    return statistics.median(r[field] for r in rs)
 
 
-def paired_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float | None:
-    by_round = {r["round"]: r["rate"] for r in b}
-    ratios = [r["rate"] / by_round[r["round"]] for r in a if r["round"] in by_round and by_round[r["round"]]]
+def paired_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]], field: str = "rate") -> float | None:
+    by_round = {r["round"]: r[field] for r in b}
+    ratios = [r[field] / by_round[r["round"]] for r in a if r["round"] in by_round and by_round[r["round"]]]
     return statistics.median(ratios) if ratios else None
+
+
+def print_cpu_table(results: dict, ops: list[str], systems: list[str]) -> None:
+    """Jobs per CPU-second of the benchmark process, for the single-process SQLite trials.
+
+    On a shared machine wall time mostly measures the neighbours; CPU time (user + system,
+    SQLite's writes into the page cache included) measures the work each queue does."""
+    cols = [s for s in systems if any(r.get("cpu_rate") for op in ops for r in results.get((op, s), []))]
+    rows = [op for op in ops if all(r.get("cpu_rate") for r in results.get((op, "ndif-jobs"), [{}]))]
+    if not cols or not rows:
+        return
+    others = [s for s in ("sqlite3", "huey", "persist-queue") if s in cols]
+    head = ["operation (jobs per CPU-second, median)", *cols, *(f"ndif/{s}" for s in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for op in rows:
+        row = [op]
+        for s in cols:
+            rs = [r for r in results.get((op, s), []) if r.get("cpu_rate")]
+            row.append(f"{median_rate(rs, 'cpu_rate'):,.0f}" if rs else "")
+        nd = [r for r in results.get((op, "ndif-jobs"), []) if r.get("cpu_rate")]
+        for s in others:
+            other = [r for r in results.get((op, s), []) if r.get("cpu_rate")]
+            ratio = paired_ratio(nd, other, "cpu_rate") if nd and other else None
+            row.append(f"{ratio:.2f}x" if ratio is not None else "")
+        lines.append("| " + " | ".join(row) + " |")
+    print("\nThe same trials per CPU-second of this process (less disturbed by neighbours than wall time):")
+    print("\n".join(lines))
 
 
 def print_table(results: dict, ops: list[str], systems: list[str], args: argparse.Namespace, took: float) -> None:

@@ -89,6 +89,9 @@ def test_status_sees_expired_leases_and_waiting_retries(queue) -> None:  # type:
     queue.fail("w", [(held.id, "boom")], retry_in_s=60)
     n, first = queue.retry_waiting()
     assert n == 1 and first > time.time() + 50
+    (other,) = queue.claim("w", limit=1, lease_s=60)
+    queue.defer("w", [other.id], "waiting for NDIF to run m: NDIF lists it COLD", delay_s=30)
+    assert queue.retry_waiting()[0] == 1, "a job held back for its model waits for no retry"
 
 
 def test_defer_waits_without_spending_an_attempt(queue) -> None:  # type: ignore[no-untyped-def]
@@ -160,3 +163,66 @@ def test_count_jobs_and_offset_agree_with_the_listed_rows(queue) -> None:  # typ
     assert queue.list_jobs(limit=2, offset=3) == everything[3:5]
     assert queue.list_jobs(limit=None, offset=5) == everything[5:]
     assert queue.list_jobs(limit=3, offset=7) == []
+
+
+def test_one_submission_at_a_time_joins_serves_or_queues_as_a_batch_would(queue) -> None:  # type: ignore[no-untyped-def]
+    (first,) = queue.enqueue([job(1, key="b" * 64)])
+    (joined,) = queue.enqueue([job(2, key="b" * 64)])
+    (by_old_key,) = queue.enqueue([job(3, key="c" * 64, aliases=("b" * 64,))])
+    assert first.state == "queued" and not first.joined
+    assert joined.joined and joined.id == first.id and by_old_key.joined and by_old_key.id == first.id
+    assert queue.count_jobs() == 1
+    queue.claim("w", limit=1, lease_s=60)
+    queue.complete("w", [(first.id, "b" * 64, 5)])
+    (cached,) = queue.enqueue([job(4, key="b" * 64)])
+    assert cached.state == "cached" and queue.get(cached.id).result_key == "b" * 64
+    # A re-run (its first run's COMMIT lost unseen) finds the job by id instead of queueing it twice.
+    again = job(5, key="d" * 64)
+    assert queue.enqueue([again])[0].state == "queued"
+    assert queue._enqueue_new_key(again, time.time(), rerun=True).id == again.id
+    assert queue.count_jobs(state="queued") == 1
+
+
+def test_a_single_submission_of_a_new_key_is_one_statement_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its whole cost is one commit: no BEGIN and COMMIT round trips around a lookup and an insert."""
+    database = open_database(f"sqlite:///{tmp_path / 'q.db'}")
+    queue = Queue(database)
+    queue.enqueue([job(1)])  # the pool now holds one idle connection, which the next call takes
+    conn = database._sqlite_connect()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    database._sqlite_release(conn)
+    (new,) = queue.enqueue([job(2)])
+    conn.set_trace_callback(None)
+    assert len(statements) == 1 and statements[0].startswith("INSERT INTO jobs"), statements
+    (joined,) = queue.enqueue([job(3, key=f"{2:064x}")])
+    assert new.state == "queued" and joined.joined and joined.id == new.id
+    assert queue.count_jobs() == 2
+    dispose_engines()
+
+
+def test_ndifs_job_id_is_committed_with_a_full_sync_and_an_ordinary_write_is_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The queue's commits may be lost to a power cut (`synchronous = NORMAL`), but not the one
+    that records NDIF's job id: lost, the request would be sent to NDIF a second time."""
+    from ndif_jobs.db.remote import RemoteBundles
+
+    database = open_database(f"sqlite:///{tmp_path / 'q.db'}")
+    queue = Queue(database)
+    ids = [r.id for r in queue.enqueue([job(1), job(2)])]
+    queue.claim("w", 2, 60, backend="local")
+    bundle = queue.start_bundle("w", "ndif", "local:m", ids)
+    conn = database._sqlite_connect()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    database._sqlite_release(conn)
+    queue.enqueue([job(3)])  # an ordinary write
+    ordinary = len(statements)
+    RemoteBundles(database).mark_submitted("w", bundle, "ndif-1", ids, None)
+    conn.set_trace_callback(None)
+    before, submitted = statements[:ordinary], statements[ordinary:]
+    assert not any("synchronous" in s for s in before), before
+    assert submitted[0] == "PRAGMA synchronous = FULL" and submitted[-1] == "PRAGMA synchronous = NORMAL", submitted
+    assert "COMMIT" in submitted[-2] and any(s.startswith("UPDATE bundles") for s in submitted), submitted
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again for whoever takes it next
+    assert queue.bundle(bundle).remote_job_id == "ndif-1"
+    dispose_engines()

@@ -156,3 +156,46 @@ def test_a_queue_at_0002_is_upgraded_keeping_every_row_and_matches_the_tables(ba
     assert queue.stored_bytes() == 300
     assert [j.id for j in queue.claim("w2", limit=5, lease_s=60)] == ["a00000000001"]
     dispose_engines()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_queue_before_0005_is_upgraded_keeping_its_results_in_one_btree(backend, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from ndif_jobs.db.queue import Queue
+
+    previous = ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision("0005").down_revision
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        config = alembic_config(url)
+        config.attributes["connection"] = conn
+        command.upgrade(config, str(previous))
+        for job_id, key, state, lease, result_key, result_bytes in _JOBS_AT_0002:
+            conn.execute(text(
+                "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags,"
+                " created_at, updated_at, not_before, attempts, max_attempts, lease_owner, lease_expires_at,"
+                " result_key, result_bytes) VALUES (:id, :key, 'activations', 'm', 'm', 'local', '{}', :state, 0, '',"
+                " :t, :t, 0, 0, 3, :owner, :lease, :result_key, :result_bytes)"),
+                {"id": job_id, "key": key, "state": state, "t": float(job_id[-1]), "lease": lease,
+                 "owner": "w" if lease else None, "result_key": result_key, "result_bytes": result_bytes})
+        conn.execute(text("INSERT INTO results (result_key, bytes) VALUES (:k, 300), (:j, 7)"),
+                     {"k": "3" * 64, "j": "9" * 64})
+    engine.dispose()
+
+    database = open_database(url)
+    assert database.revision() == SCHEMA_HEAD
+    with database.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        assert sorted(conn.execute(text("SELECT result_key, bytes FROM results")).all()) == [("3" * 64, 300), ("9" * 64, 7)]
+        if backend == "sqlite":
+            made = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'results'")).scalar_one()
+            assert made.rstrip().endswith("WITHOUT ROWID")
+            assert conn.execute(text("SELECT count(*) FROM sqlite_master WHERE tbl_name = 'results'")).scalar_one() == 1
+    queue = Queue(database)
+    assert queue.stored_bytes() == 307
+    (claimed,) = queue.claim("w2", limit=5, lease_s=60)
+    assert queue.complete("w2", [(claimed.id, "1" * 64, 11)]) == 1
+    assert queue.stored_bytes() == 318
+    dispose_engines()

@@ -63,6 +63,11 @@ class Handle:
     deadline: float | None = None
     payload_bytes: int | None = None
     outcomes: dict[str, JobOutcome] | None = field(default=None, repr=False)
+    #: What the backend measured while it ran or fetched the bundle (recorded in each result's
+    #: provenance): the experiments' own time here, the result's download from a remote backend.
+    run_s: float | None = None
+    download_s: float | None = None
+    downloaded_bytes: int | None = None
 
 
 OnStatus = Callable[[Status], None]

@@ -8,6 +8,7 @@ whole bundle, under `bundle_time_limit_s`, and returns a finished handle.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,8 +38,19 @@ class LocalBackend:
         return load_local_model(model, self.settings.models_dir, device=self.settings.device)
 
     def send(self, model: ModelRef, jobs: list[JobSpec]) -> Handle:
+        started = time.monotonic()
         outcomes = run_with_time_limit(lambda: self.run_bundle(model, jobs), self.settings.bundle_time_limit_s)
-        return Handle(job_ids=[job.job_id for job in jobs], outcomes=outcomes)
+        return Handle(job_ids=[job.job_id for job in jobs], outcomes=outcomes, run_s=time.monotonic() - started)
+
+    def provenance(self, model: ModelRef) -> dict[str, Any]:
+        """Where this backend ran the model: its device and dtype (for each result's manifest)."""
+        loaded = self._model(model)
+        module = getattr(loaded, "_model", loaded)
+        first = next(iter(module.parameters()), None)
+        return {
+            "device": str(first.device) if first is not None else self.settings.device,
+            "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        }
 
     def wait(
         self, handle: Handle, stop: threading.Event, on_status: OnStatus | None = None

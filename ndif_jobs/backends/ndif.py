@@ -25,16 +25,18 @@ Errors, by what a retry can do about them (the classes are `errors.py`'s, the sa
 
 from __future__ import annotations
 
+import calendar
 import io
 import ipaddress
 import json
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import version as package_version
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from tenacity import (
     Retrying,
@@ -51,10 +53,42 @@ from ..logging import get_logger, register_secret, scrub
 from ..model_refs import ModelRef
 from ..settings import Settings
 from .base import Handle, JobOutcome, JobSpec, OnStatus, Status
+from .ndif_status import ModelStatus, refuses_model
 
 log = get_logger("ndif_jobs.ndif")
 
 FINAL = ("COMPLETED", "ERROR")
+#: How long a worker keeps NDIF's `GET /env` answer before asking again.
+ENV_TTL_S = 600.0
+
+#: How long NDIF's result link lives (a presigned URL that says otherwise is believed).
+RESULT_LINK_S = 3600.0
+
+
+class ResultExpired(Rejected):
+    """The result link of a COMPLETED request no longer works (403/404): NDIF made it `made_at`
+    (epoch seconds; None when the link does not say) for `life_s` seconds. The request ran: the
+    worker sends its jobs again with no attempt spent."""
+
+    def __init__(self, message: str, made_at: float | None = None, life_s: float = RESULT_LINK_S) -> None:
+        super().__init__(message)
+        self.made_at = made_at
+        self.life_s = life_s
+
+
+class ModelRefused(Rejected):
+    """NDIF refused the model itself (could not deploy it, not available for this key): every
+    queued job of the model would fail the same way."""
+
+
+def link_times(url: str) -> tuple[float | None, float]:
+    """When a presigned result link was made and how long it lives, from its SigV4 query
+    (`X-Amz-Date`, `X-Amz-Expires`), looked for even inside a URL that wraps it."""
+    text = unquote(unquote(url))
+    date = re.search(r"X-Amz-Date=(\d{8}T\d{6}Z)", text)
+    life = re.search(r"X-Amz-Expires=(\d+)", text)
+    made = calendar.timegm(time.strptime(date.group(1), "%Y%m%dT%H%M%SZ")) if date else None
+    return (float(made) if made is not None else None), (float(life.group(1)) if life else RESULT_LINK_S)
 
 
 def _is_loopback(host: str) -> bool:
@@ -255,7 +289,7 @@ class NdifClient:
             buffer = io.BytesIO()
             try:
                 with self._http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-                    _check_download(response, limit)
+                    _check_download(response, limit, url)
                     expected = response.headers.get("Content-Length")
                     for chunk in response.iter_raw(1 << 20):
                         if buffer.tell() + len(chunk) > limit:
@@ -270,7 +304,20 @@ class NdifClient:
 
         return self._retrying()(once)
 
-    def deployments(self) -> dict[str, Any]:
+    def env(self, timeout_s: float = 10.0) -> Any:
+        """NDIF's `GET /env` (its Python and packages), asked once with a short timeout and no
+        retry: it only describes a result, so it must never hold one up."""
+        response = self._call("GET", f"{self.host}/env", "read its environment", timeout=timeout_s)
+        if response.status_code >= 300:
+            raise classify(response, "read its environment")
+        try:
+            return response.json()
+        except ValueError:
+            raise Transient(f"NDIF answered /env with something unreadable: {response.text[:200]!r}") from None
+
+    def deployments(self, retry: bool = True) -> dict[str, Any]:
+        """NDIF's `/status` deployments (one try only, without `retry`)."""
+
         def once() -> dict[str, Any]:
             response = self._call("GET", f"{self.host}/status", "list models")
             if response.status_code >= 300:
@@ -281,10 +328,10 @@ class NdifClient:
                 raise Transient(f"NDIF answered /status with something unreadable: {response.text[:200]!r}") from None
             return body.get("deployments") or {} if isinstance(body, dict) else {}
 
-        return self._retrying()(once)
+        return self._retrying()(once) if retry else once()
 
 
-def _check_download(response: Any, limit: int) -> None:
+def _check_download(response: Any, limit: int, url: str = "") -> None:
     """Raise unless `response` is a plain 2xx answer of at most `limit` bytes (as far as it says)."""
     code = response.status_code
     if 300 <= code < 400:
@@ -292,7 +339,8 @@ def _check_download(response: Any, limit: int) -> None:
                        "handed out is trusted")
     if code >= 300:
         if code in (403, 404):
-            raise Rejected(f"the result URL no longer works ({code}): it expired")
+            made_at, life_s = link_times(url)
+            raise ResultExpired(f"the result URL no longer works ({code}): it expired", made_at, life_s)
         raise Transient(f"downloading the result: HTTP {code}")
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -464,9 +512,35 @@ class NdifBackend:
         self.settings = settings
         self.client = NdifClient(settings)
         self.compress = True
+        self.models = ModelStatus(lambda: self.client.deployments(retry=False), settings.status_cache_s)
+
+    def not_ready(self, model: ModelRef) -> str | None:
+        """Why NDIF would have to deploy `model` for a bundle (None: it runs it now, or NDIF_JOBS_ALLOW_COLD)."""
+        if self.settings.allow_cold or model.kind != "hub":
+            return None
+        verdict = self.models.readiness(model.model_key, model.location)
+        return None if verdict.ready else verdict.why
 
     def load(self, model: ModelRef) -> None:
         """Nothing to load here: NDIF holds the weights."""
+
+    def server_env(self) -> dict[str, Any]:
+        """NDIF's `GET /env` answer, or `{"error": why}` where it gave none; asked at most every
+        `ENV_TTL_S` per worker (NDIF itself caches it for 5 minutes)."""
+        cached = getattr(self, "_env", None)
+        if cached is not None and time.monotonic() < cached[0]:
+            return dict(cached[1])
+        try:
+            found = self.client.env()
+            env = found if isinstance(found, dict) else {"error": f"not a JSON object: {type(found).__name__}"}
+        except NdifJobsError as exc:
+            env = {"error": str(exc).splitlines()[0][:300]}
+        self._env = (time.monotonic() + (ENV_TTL_S if "error" not in env else 60.0), env)
+        return dict(env)
+
+    def provenance(self, model: ModelRef) -> dict[str, Any]:
+        """What a result from NDIF records of where it ran: the host and NDIF's environment."""
+        return {"host": self.client.host, "server_env": self.server_env()}
 
     def send(self, model: ModelRef, jobs: list[JobSpec]) -> Handle:
         """POST one bundle; the handle holds NDIF's job id and the payload's size."""
@@ -504,7 +578,7 @@ class NdifBackend:
             try:
                 status = self.client.status(remote_id, stop)
                 if status is not None and status.status == "COMPLETED":
-                    outcomes = self._fetch(status, job_ids)
+                    outcomes = self._fetch(status, job_ids, handle)
             except Unavailable as exc:
                 if unreachable_since is None:
                     unreachable_since = time.time()
@@ -522,8 +596,13 @@ class NdifBackend:
                     on_status(status)
             if status is not None and status.status == "ERROR":
                 message = scrub(status.description.strip()) or "NDIF reported an error"
-                if "could not deploy" in message.lower():
-                    raise Rejected(f"NDIF could not deploy this model: {message.splitlines()[-1][:300]}")
+                if refuses_model(message):
+                    said = next(line for line in message.splitlines() if refuses_model(line)).strip()
+                    detail = re.sub(r"(?i)^could not deploy this model\.?\s*", "", said)
+                    head = "NDIF could not deploy this model" if detail != said else "NDIF refused this model"
+                    raise ModelRefused(f"{head}: {detail[:300] or 'no reason given'}; its queued jobs failed with"
+                                       " it: check the model id and your key's access at https://ndif.us, then"
+                                       " `ndif-jobs retry` them")
                 if _is_eviction(message):
                     # The replica was evicted (e.g. the API restarted); the model may still finish
                     # the request, and NDIF then reports COMPLETED after this ERROR.
@@ -537,13 +616,17 @@ class NdifBackend:
             stop.wait(delay)
             delay = min(delay * 1.5, self.settings.poll_max_s)
 
-    def _fetch(self, status: Status, job_ids: list[str]) -> dict[str, JobOutcome]:
+    def _fetch(self, status: Status, job_ids: list[str], handle: Handle | None = None) -> dict[str, JobOutcome]:
         data = status.data
         limit = result_limit(self.settings)
         attempts = max(self.settings.http_retries, 1)
         for attempt in range(1, attempts + 1):
             if isinstance(data, str) and "://" in data:
+                began = time.monotonic()
                 content = self.client.download(data, limit)
+                if handle is not None:  # every download counts: a corrupt one was sent too
+                    handle.download_s = (handle.download_s or 0.0) + time.monotonic() - began
+                    handle.downloaded_bytes = (handle.downloaded_bytes or 0) + len(content)
             elif isinstance(data, (bytes, bytearray)):
                 content = bytes(data)
             else:

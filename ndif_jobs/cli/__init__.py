@@ -28,6 +28,7 @@ BUILTIN = {
     "status": "info", "models": "info", "experiments": "info",
     "export": "store", "plot": "store", "verify": "store", "gc": "store",
     "db": "db",
+    "usage": "usage",
 }
 #: Modules elsewhere in ndif_jobs that add their commands with `register(app)`.
 EXTENSIONS = (

@@ -34,6 +34,7 @@ def status(
                     "lease_expired": report.lease_expired, "retry_waiting": report.retry_waiting,
                     "next_retry_at": report.next_retry_at, "waiting_for_worker": report.waiting_for_worker,
                     "held_by_gone_workers": report.held_by_gone_workers, "at_ndif": report.at_ndif,
+                    "waiting_for_model": report.waiting_for_model,
                     "latest": [job.summary() for job in report.latest],
                     **({"sweep": sweep} if sweep is not None else {})})
         return
@@ -64,6 +65,8 @@ def status(
         due = time.strftime("%H:%M:%S", time.localtime(next_retry)) if next_retry else "soon"
         out.print(f"{report.retry_waiting} queued jobs wait to retry after an error (first at {due};"
                   " `ndif-jobs list --state queued` shows the errors)", markup=False)
+    for wait in report.waiting_for_model:
+        out.print(f"[yellow]{wait['jobs']} queued jobs {wait['reason']}[/]")
     for bundle in report.at_ndif:
         out.print(f"at NDIF: bundle {bundle['id']} ({bundle['jobs']} jobs) {bundle['status']}"
                   f" {bundle['description'][:80]}", markup=False)

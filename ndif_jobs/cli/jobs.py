@@ -124,6 +124,7 @@ def show(
     attempts = svc.attempts(found.id)
     bundle = svc.bundle(found.bundle_id) if found.bundle_id else None
     result_path = svc.result_location(found)
+    readable, made = stored_provenance(svc, found.result_key)
     doc = {
         **found.summary(),
         "key": found.key,
@@ -138,6 +139,7 @@ def show(
         "result_key": found.result_key,
         "result_path": None if result_path is None else str(result_path),
         "result_bytes": found.result_bytes,
+        "time_lost_s": svc.time_lost(attempts),
         "attempt_history": [
             {"number": a.number, "worker": a.worker, "bundle": a.bundle_id, "started_at": a.started_at,
              "finished_at": a.finished_at, "outcome": a.outcome, "error": a.error}
@@ -149,6 +151,7 @@ def show(
             "finished_at": bundle.finished_at, "status_history": json.loads(bundle.status_history or "[]"),
             "error": bundle.error,
         },
+        "provenance": made,
     }
     if as_json:
         print_json(doc)
@@ -178,6 +181,14 @@ def show(
             out.print(f"     {entry.get('status')}  {ago(entry.get('at'))}  {entry.get('description', '')}")
     if result_path:
         out.print(f"  result      {result_path} ({size_text(found.result_bytes)})")
+    if readable:
+        from ..provenance import text_lines
+
+        for line in text_lines(made):
+            out.print(line, markup=False)
+    if doc["time_lost_s"] is not None:
+        out.print(f"  time lost   {doc['time_lost_s']:.0f}s: a result link expired before the download and the"
+                  " jobs were sent again", markup=False)
     for a in doc["attempt_history"]:
         took = f"{a['finished_at'] - a['started_at']:.2f}s" if a["finished_at"] else "running"
         out.print(f"  attempt {a['number']}   {a['outcome'] or '-'} {took} {a['error'] or ''}".rstrip())
@@ -189,12 +200,15 @@ def results(
     verify: bool = typer.Option(False, "--verify", help="Re-hash the result files first."),
 ) -> None:
     """Each saved name with its shape and dtype, or its value."""
+    from ..provenance import of_manifest, text_lines
+
     svc = service()
     result = svc.load_result(job, verify=verify)
     if as_json:
         from ..store.codec import to_jsonable
 
-        print_json({"job": result.job["id"], "values": to_jsonable(result.to_dict())})
+        print_json({"job": result.job["id"], "values": to_jsonable(result.to_dict()),
+                    "provenance": of_manifest(result.manifest)})
         return
     from rich.table import Table
 
@@ -210,6 +224,26 @@ def results(
 
     for line in summarize(result.job["experiment"], result):
         out.print(f"  {line}", markup=False)
+    for line in text_lines(of_manifest(result.manifest)):
+        out.print(line, markup=False)
+
+
+def stored_provenance(svc: Any, result_key: str | None) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the result's manifest is on this machine (the data folder, or the object store's
+    cache here: `show` never touches the network), and the provenance it records (None for a
+    result stored without)."""
+    if result_key is None:
+        return False, None
+    from ..errors import NdifJobsError
+    from ..provenance import of_manifest
+
+    here = getattr(svc.store, "cache", None) or svc.store
+    try:
+        if not here.exists(result_key):
+            return False, None
+        return True, of_manifest(here.manifest(result_key))
+    except NdifJobsError:
+        return False, None
 
 
 def describe(value: Any) -> str:

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection
 
 #: The newest migration in `alembic/versions`; a test checks it equals alembic's head.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 #: Every revision this code can read, oldest first.
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Most idle connections a `Database` keeps for a SQLite file (one per thread that used it).
@@ -129,8 +129,9 @@ def configure_sqlite(dbapi_connection: sqlite3.Connection) -> None:
         cursor.execute("PRAGMA journal_mode = WAL").fetchone()
     except sqlite3.OperationalError:
         pass
-    # In WAL mode NORMAL is crash-safe for the database; only the last commits before a
-    # power cut can be lost, never the file's integrity. Results are fsynced separately.
+    # In WAL mode NORMAL is crash-safe for the database: a commit survives the crash of any
+    # process; an OS crash or a power cut can take back the last commits, never the file's
+    # integrity (README, Reliability). Results are fsynced separately.
     cursor.execute("PRAGMA synchronous = NORMAL")
     # Up to 16 MiB of page cache (the default is 2 MiB): a batch of 100k jobs inserts 15% faster
     # (more did not help), while a full scan (`status`'s stored bytes) grows a reader by 16 MiB
@@ -268,25 +269,41 @@ class Database:
         conn.close()
 
     @contextmanager
-    def cursor(self, write: bool = False) -> Iterator[Any]:
+    def cursor(self, write: bool = False, *, one_statement: bool = False, durable: bool = False) -> Iterator[Any]:
         """A driver cursor. `write=True`: inside one transaction that holds the write lock from
         its first statement (SQLite: `BEGIN IMMEDIATE`), committed on leaving, rolled back on an
-        exception. `write=False`: one snapshot per statement."""
+        exception. `write=False`: one snapshot per statement.
+
+        `one_statement=True` (with `write=True`): the caller runs a single statement, which on a
+        SQLite file is its own transaction, as atomic and as serialized as `BEGIN IMMEDIATE`
+        (a writing statement takes the write lock before it reads), without the two round trips
+        of BEGIN and COMMIT. Elsewhere it is committed as any write.
+
+        `durable=True` (with `write=True`): on a SQLite file the commit is synced to disk
+        (`synchronous = FULL` for this transaction) and so survives an OS crash or a power cut,
+        which the queue's other commits (`synchronous = NORMAL`) may not. For the few commits
+        whose loss would cost more than a re-run: NDIF's job id, without which a request would
+        be sent again. PostgreSQL's commits are durable anyway."""
         if self.sqlite_file is not None:
             conn = self._sqlite_connect()
+            begin = write and not one_statement
             try:
                 cursor = conn.cursor()
-                if write:
+                if durable:
+                    cursor.execute("PRAGMA synchronous = FULL")
+                if begin:
                     cursor.execute("BEGIN IMMEDIATE")
                 try:
                     yield cursor
-                    if write:
+                    if begin:
                         cursor.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
                 finally:
+                    if durable and not conn.in_transaction:
+                        cursor.execute("PRAGMA synchronous = NORMAL")
                     cursor.close()
             finally:
                 self._sqlite_release(conn)

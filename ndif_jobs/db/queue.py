@@ -1,7 +1,8 @@
 """Queue operations: every read and write of the jobs, bundles and attempts tables.
 
 One `Queue` wraps one database. Writes are short transactions that hold the write lock from
-their first statement (`Database.cursor(write=True)`: `BEGIN IMMEDIATE` on SQLite); the claim
+their first statement (`Database.cursor(write=True)`: `BEGIN IMMEDIATE` on SQLite; a write of one
+statement, such as queueing a single job of a new key, is its own transaction); the claim
 is one such transaction, so two workers can never take the same job (on PostgreSQL the claim
 uses `FOR UPDATE SKIP LOCKED` so workers do not even wait for each other). The claim takes only
 jobs its worker can run (`Runnable`: its backend, its local stand-ins, the experiments it has
@@ -40,8 +41,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from ..errors import BadInput, JobNotFound, StoreError, clip_error
-from ..states import ACTIVE_STATES, DONE_STATES, HELD_STATES, LOCAL_HELD_STATES, AttemptOutcome, BundleState, JobState
+from ..errors import BadInput, JobNotFound, clip_error
+from ..states import (
+    ACTIVE_STATES,
+    DONE_STATES,
+    HELD_STATES,
+    LOCAL_HELD_STATES,
+    MODEL_WAIT_PREFIX,
+    AttemptOutcome,
+    BundleState,
+    JobState,
+)
+from .base import Dialect, OnDatabase
 from .engine import Database
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, call_with_retry, retried
 
@@ -243,6 +254,17 @@ class _Existing(NamedTuple):
 
 
 
+def _insert_row(
+    job: NewJob, state: str, created: float, finished: float | None, result_key: str | None
+) -> tuple[Any, ...]:
+    """The values of `INSERT_JOB` (`_INSERT_COLUMNS`, in order) for a new job."""
+    return (
+        job.id, job.key, job.experiment, job.model, job.model_key, job.backend, _params_json(job.params), state,
+        job.priority, encode_tags(job.tags), created, created, finished, 0.0, 0, job.max_attempts, result_key,
+        job.estimated_bytes, job.sweep, job.sweep_row,
+    )
+
+
 def _standing_for(job: NewJob, existing: dict[str, _Existing]) -> _Existing | None:
     """The job that stands for `job`'s computation, under its key or an older one: a done one first."""
     found = [existing[k] for k in (job.key, *job.aliases) if k in existing]
@@ -286,6 +308,13 @@ _INSERT_COLUMNS = (
     "estimated_bytes", "sweep", "sweep_row",
 )
 INSERT_JOB = f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
+# One submission whose key (and older keys) no job has: queued by this one statement, which reads
+# and writes under the write lock (`Database.cursor(one_statement=True)`). Any job of those keys,
+# in any state, leaves it to `_enqueue`, which joins, serves from the store or queues anew.
+INSERT_NEW_KEY = (
+    f"INSERT INTO jobs ({_q(_INSERT_COLUMNS)}) SELECT {', '.join('?' * len(_INSERT_COLUMNS))}"
+    ' WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE "key" {keys})'
+)
 # Every job of the given keys; `_existing_by_key` keeps those that stand for their key. (Filtering
 # on state in SQL tempts SQLite's planner into scanning `ix_jobs_lease` by state instead.)
 EXISTING_BY_KEY = 'SELECT id, "key", state, result_key FROM jobs WHERE "key" {keys}'
@@ -293,6 +322,8 @@ REQUEUE_EXPIRED = (
     f"UPDATE jobs SET state = '{QUEUED}', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
     f" WHERE {_LOCAL_HELD} AND lease_expires_at < ? RETURNING id"
 )
+#: Whether any lease `REQUEUE_EXPIRED` would end has run out: the same index probe, read only.
+ANY_EXPIRED = f"SELECT 1 FROM jobs WHERE {_LOCAL_HELD} AND lease_expires_at < ? LIMIT 1"
 #: The attempt a dead worker left open, closed when its job is requeued or re-attached.
 LOSE_ATTEMPTS = (
     f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.LEASE_EXPIRED}',"
@@ -442,8 +473,10 @@ DETACH_MISSING = (
 )
 # Held jobs whose worker stopped renewing the lease (a range probe of `ix_jobs_lease`).
 LEASE_EXPIRED_COUNTS = f"SELECT state, count(*) FROM jobs WHERE {_HELD} AND lease_expires_at < ? GROUP BY state"
+# (Not those held back for their model: `status` counts them apart.)
 RETRY_WAITING = (
     f"SELECT count(*), MIN(not_before) FROM jobs WHERE state = '{QUEUED}' AND not_before > ? AND error IS NOT NULL"
+    " AND error NOT LIKE ?"
 )
 # What a worker could still take or wait for: queued, held, or at NDIF (those it can run).
 WAITING = (
@@ -501,10 +534,6 @@ ABANDON_BUNDLES = (
     f" AND state = '{BundleState.RUNNING}'"
 )
 
-#: Most values bound in one `IN (...)` on SQLite (its limit is 32766; smaller lists plan faster).
-_CHUNK = 500
-
-
 def _state_condition(state: str) -> str:
     """`state = 'X'` for a known state, led by the condition of the partial index that holds it
     (so `list --state failed` reads that index, not the table). Raises `BadInput` otherwise."""
@@ -537,57 +566,6 @@ def _job_filter(
     return (" WHERE " + " AND ".join(where) if where else ""), params
 
 
-class Dialect:
-    """The statements for one dialect: placeholders, and the few spellings that differ."""
-
-    def __init__(self, dialect: str) -> None:
-        if dialect not in ("sqlite", "postgresql"):
-            raise StoreError(f"ndif-jobs keeps its queue in SQLite or PostgreSQL, not {dialect}")
-        self.pg = dialect == "postgresql"
-        self._cache: dict[str, str] = {}
-        self.skip_locked = " FOR UPDATE SKIP LOCKED" if self.pg else ""
-        self.max = "GREATEST" if self.pg else "MAX"
-        self.chunk = 5000 if self.pg else _CHUNK
-
-    def __call__(self, sql: str, **parts: str) -> str:
-        """`sql` with its `{parts}` filled in and its placeholders in the driver's style."""
-        key = sql if not parts else sql + repr(sorted(parts.items()))
-        out = self._cache.get(key)
-        if out is None:
-            out = sql.format(**parts) if parts else sql
-            if self.pg:
-                out = out.replace("?", "%s")
-            self._cache[key] = out
-        return out
-
-    def runnable(self, r: Runnable) -> tuple[str, list[Any]]:
-        """The condition that selects the jobs `r` covers ("" for every job), and what it binds."""
-        parts: list[str] = []
-        params: list[Any] = []
-        if r.backend == "local" and r.standins:
-            in_sql, values = self.in_(r.standins)
-            parts.append(f"(backend = 'local' OR (backend = 'ndif' AND model {in_sql}))")
-            params += values
-        elif r.backend is not None:
-            parts.append("backend = ?")
-            params.append(r.backend)
-        if r.experiments is not None:
-            in_sql, values = self.in_(r.experiments)
-            parts.append(f"experiment {in_sql}")
-            params += values
-        return " AND ".join(parts), params
-
-    def in_(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        """`IN (?, ...)` (SQLite) or `= ANY(?)` (PostgreSQL), and what it binds."""
-        if self.pg:
-            return "= ANY(?)", [list(values)]
-        return f"IN ({', '.join('?' * len(values))})", list(values)
-
-    def chunks(self, values: Sequence[Any]) -> Iterable[Sequence[Any]]:
-        for start in range(0, len(values), self.chunk):
-            yield values[start : start + self.chunk]
-
-
 T = TypeVar("T")
 
 
@@ -606,14 +584,20 @@ class Outcomes:
         """Mark jobs completed, each as (job id, result key, result bytes). Returns how many."""
         if not completed:
             return 0
-        t, cur = self._t, self._cur
-        cur.executemany(self._sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
+        t, cur, sql = self._t, self._cur, self._sql
+        if len(completed) == 1:  # a job at a time: `execute` costs less than `executemany` of one row
+            ((j, k, b),) = completed
+            cur.execute(sql(COMPLETE), (k, b, t, t, j, worker))
+            done = max(cur.rowcount, 0)
+            if b is not None:
+                cur.execute(sql(RECORD_RESULT), (k, b))
+            cur.execute(sql(CLOSE_ATTEMPTS), (t, AttemptOutcome.COMPLETED, None, j, worker))
+            return done
+        cur.executemany(sql(COMPLETE), [(k, b, t, t, j, worker) for j, k, b in completed])
         done = max(cur.rowcount, 0)
         # The worker stored each result before this, whether or not it still holds the job.
-        cur.executemany(self._sql(RECORD_RESULT), [(k, b) for _, k, b in completed if b is not None])
-        cur.executemany(
-            self._sql(CLOSE_ATTEMPTS), [(t, AttemptOutcome.COMPLETED, None, j, worker) for j, _, _ in completed]
-        )
+        cur.executemany(sql(RECORD_RESULT), [(k, b) for _, k, b in completed if b is not None])
+        cur.executemany(sql(CLOSE_ATTEMPTS), [(t, AttemptOutcome.COMPLETED, None, j, worker) for j, _, _ in completed])
         return done
 
     def fail(self, worker: str, failed: Sequence[tuple[str, str]], retry_in_s: float | None = None) -> dict[str, int]:
@@ -646,20 +630,18 @@ class Outcomes:
         self._cur.execute(self._sql(FINISH_BUNDLE), (state, self._t, clip_error(error) if error else None, bundle_id))
 
 
-class Queue:
+class Queue(OnDatabase):
     def __init__(
         self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S,
         result_exists: Callable[[str], bool] | None = None,
     ) -> None:
-        #: What the queue was opened on: a `Database` from `open_database`, or an Engine.
-        self.engine = engine
+        super().__init__(engine, db_retry_s)
         #: Whether a result key is on disk: a done job whose result is gone is not served as a hit.
         self.result_exists = result_exists
-        #: How long each operation retries while the database is unreachable (0: not at all).
-        self.db_retry_s = db_retry_s
-        self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
-        self.is_postgres = self.db.dialect_name == "postgresql"
-        self._sql = Dialect(self.db.dialect_name)
+        #: `INSERT_NEW_KEY` in this dialect, by how many older keys it checks besides the job's own.
+        self._insert_new_key: dict[int, str] = {}
+        #: The claim statement and what it binds, for each kind of worker.
+        self._claim_sql: dict[Runnable, tuple[str, list[Any]]] = {}
 
     # -- submitting ------------------------------------------------------------------
 
@@ -667,22 +649,43 @@ class Queue:
         """Insert jobs in one transaction, deduplicating by cache key.
 
         A key with a completed result gives a `cached` job pointing at it; a key already queued
-        or running is joined (its id returned) unless `force` is set.
+        or running is joined (its id returned) unless `force` is set. One job of a key no job
+        has is queued by a single statement (`_enqueue_new_key`): a single enqueue's whole cost.
         """
         if not new_jobs:
             return []
         t = now()
+        if len(new_jobs) == 1 and not new_jobs[0].force:
+            job = new_jobs[0]
+            return [call_with_retry(
+                lambda rerun: self._enqueue_new_key(job, t, rerun), window_s=self.db_retry_s, database=self.engine,
+                name="enqueue",
+            )]
         return call_with_retry(
             lambda rerun: self._enqueue(new_jobs, t, rerun), window_s=self.db_retry_s, database=self.engine,
             name="enqueue",
         )
+
+    def _enqueue_new_key(self, job: NewJob, t: float, rerun: bool) -> Enqueued:
+        """One submission: queued by one statement when no job has its key (the common case, and
+        the whole cost of a single enqueue), else `_enqueue`'s transaction. A re-run goes straight
+        to `_enqueue`, which finds the job by id if the first run committed unseen."""
+        if not rerun:
+            in_sql, keys = self._sql.in_((job.key, *job.aliases))
+            sql = self._insert_new_key.get(len(job.aliases))
+            if sql is None:
+                sql = self._insert_new_key[len(job.aliases)] = self._sql(INSERT_NEW_KEY, keys=in_sql)
+            with self.db.cursor(write=True, one_statement=True) as cur:
+                cur.execute(sql, (*_insert_row(job, QUEUED, t, None, None), *keys))
+                if cur.rowcount == 1:
+                    return Enqueued(job.id, QUEUED)
+        return self._enqueue([job], t, rerun)[0]
 
     def _enqueue(self, new_jobs: Sequence[NewJob], t: float, rerun: bool) -> list[Enqueued]:
         """`enqueue`'s transaction. A re-run whose first run committed unseen finds its jobs by
         id (a job's id is chosen before the first run) and does not insert them again."""
         out: list[Enqueued] = []
         rows: list[tuple[Any, ...]] = []
-        dumps = _params_json
         with self.db.cursor(write=True) as cur:
             inserted = self._states_by_id(cur, [j.id for j in new_jobs]) if rerun else {}
             existing = self._existing_by_key(cur, {k for j in new_jobs if not j.force for k in (j.key, *j.aliases)})
@@ -704,12 +707,7 @@ class Queue:
                 state, result_key, finished = QUEUED, None, None
                 if isinstance(hit, _Existing) and hit.state in DONE_STATES:
                     state, result_key, finished = CACHED, hit.result_key, t
-                rows.append((
-                    job.id, job.key, job.experiment, job.model, job.model_key, job.backend,
-                    dumps(job.params), state, job.priority, encode_tags(job.tags),
-                    created, created, finished, 0.0, 0, job.max_attempts, result_key, job.estimated_bytes,
-                    job.sweep, job.sweep_row,
-                ))
+                rows.append(_insert_row(job, state, created, finished, result_key))
                 entry = Enqueued(job.id, state)
                 out.append(entry)
                 if state == QUEUED:
@@ -781,8 +779,13 @@ class Queue:
         A failed run may have committed unseen: the jobs it leased to `worker` (at one of those
         times) are returned, on a fresh lease, instead of claiming more. Their attempts are
         already recorded."""
-        cond, values = self._sql.runnable(runnable or Runnable())
-        sql = self._sql(CLAIM, runnable=f" AND {cond}" if cond else "", skip_locked=self._sql.skip_locked)
+        runnable = runnable or Runnable()
+        prepared = self._claim_sql.get(runnable)
+        if prepared is None:
+            cond, values = self._sql.runnable(runnable)
+            sql = self._sql(CLAIM, runnable=f" AND {cond}" if cond else "", skip_locked=self._sql.skip_locked)
+            prepared = self._claim_sql[runnable] = (sql, values)
+        sql, values = prepared
         params = [worker, t + lease_s, t, t, t, *values, limit]
         with self.db.cursor(write=True) as cur:
             if earlier:
@@ -796,14 +799,20 @@ class Queue:
             claimed = [_job_row(r) for r in cur.fetchall()]
             if not claimed:
                 return []
-            cur.executemany(self._sql(INSERT_ATTEMPT), [(r.id, r.attempts, worker, t) for r in claimed])
+            if len(claimed) == 1:  # `execute` costs less than `executemany` of one row
+                cur.execute(self._sql(INSERT_ATTEMPT), (claimed[0].id, claimed[0].attempts, worker, t))
+            else:
+                cur.executemany(self._sql(INSERT_ATTEMPT), [(r.id, r.attempts, worker, t) for r in claimed])
         return claimed
 
     def _requeue_expired(self, cur: Any, t: float) -> int:
         """Jobs whose worker stopped renewing its lease go back to the queue.
 
-        An index range probe (`ix_jobs_lease`) that touches no row when no lease has run out:
-        about as cheap as checking whether one has."""
+        Every claim asks, and almost always no lease has run out: a read of the lease index
+        (`ix_jobs_lease`) says so in half the time of the UPDATE that finds nothing to change."""
+        cur.execute(self._sql(ANY_EXPIRED), (t,))
+        if cur.fetchone() is None:
+            return 0
         cur.execute(self._sql(REQUEUE_EXPIRED), (t, t))
         lost = [row[0] for row in cur.fetchall()]
         self.close_lost_attempts(cur, lost, t)
@@ -1001,11 +1010,6 @@ class Queue:
 
     # -- reading -----------------------------------------------------------------------
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        with self.db.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-
     @retried
     def counts(self, sweep: str | None = None) -> dict[str, int]:
         """Jobs per state (of one sweep, given its name), every state listed."""
@@ -1112,7 +1116,7 @@ class Queue:
     @retried
     def retry_waiting(self) -> tuple[int, float | None]:
         """Queued jobs waiting out a retry delay after an error, and when the first is due."""
-        n, first = self._all(self._sql(RETRY_WAITING), (now(),))[0]
+        n, first = self._all(self._sql(RETRY_WAITING), (now(), MODEL_WAIT_PREFIX + "%"))[0]
         return int(n), first
 
     @retried

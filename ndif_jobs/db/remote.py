@@ -15,10 +15,11 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import clip_error
 from ..logging import scrub
 from ..states import AttemptOutcome, BundleState, JobState
 from .engine import Database
-from .queue import _JOBS, BUNDLE, END_LEASES_AT_NDIF, HELD_AT_REMOTE, BundleRow, Dialect, JobRow, now
+from .queue import _JOBS, _LOCAL_HELD, BUNDLE, END_LEASES_AT_NDIF, HELD_AT_REMOTE, BundleRow, Dialect, JobRow, now
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
 
 if TYPE_CHECKING:
@@ -63,6 +64,35 @@ ADOPT_TAKEN = (
     f" AND updated_at {{times}} RETURNING {_JOBS}"
 )
 REBIND = 'UPDATE jobs SET backend = ?, model = ?, model_key = ?, "key" = ?, updated_at = ? WHERE id = ?'
+# A completed request whose result link expired: its jobs back to the queue at once, the attempt
+# given back (the request ran; nothing was wrong with the jobs).
+RESEND_JOBS = (
+    f"UPDATE jobs SET state = '{JobState.QUEUED}', not_before = ?, error = ?, updated_at = ?, lease_owner = NULL,"
+    f" lease_expires_at = NULL, attempts = {{max}}(attempts - 1, 0) WHERE id {{ids}} AND lease_owner = ?"
+    f" AND {_SUBMITTED}"
+)
+CLOSE_OPEN_ATTEMPTS = (
+    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.DEFERRED}', error = ?"
+    " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
+)
+# Claimed jobs whose model NDIF does not run yet: back to the queue, the claim undone (its attempt
+# row goes: nothing was tried), the reason on the job.
+HOLD_JOBS = (
+    f"UPDATE jobs SET state = '{JobState.QUEUED}', not_before = ?, error = ?, updated_at = ?, lease_owner = NULL,"
+    f" lease_expires_at = NULL, attempts = {{max}}(attempts - 1, 0) WHERE id {{ids}} AND lease_owner = ?"
+    f" AND {_LOCAL_HELD}"
+)
+DROP_OPEN_ATTEMPTS = "DELETE FROM attempts WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
+# Every queued job of a model NDIF refused (the same answer awaits each of them).
+FAIL_QUEUED_OF_MODEL = (
+    f"UPDATE jobs SET state = '{JobState.FAILED}', error = ?, finished_at = ?, updated_at = ?"
+    f" WHERE state = '{JobState.QUEUED}' AND backend = ? AND model_key = ?"
+)
+# Queued jobs waiting for NDIF to run their model, per model, with what they say.
+MODEL_WAITS = (
+    f"SELECT model, count(*), MAX(error) FROM jobs WHERE state = '{JobState.QUEUED}' AND error LIKE ?"
+    " GROUP BY model ORDER BY model"
+)
 
 
 class RemoteBundles:
@@ -81,7 +111,7 @@ class RemoteBundles:
     ) -> None:
         t = now()
         sql = self._sql
-        with self.db.cursor(write=True) as cur:
+        with self.db.cursor(write=True, durable=True) as cur:
             history = self._history(cur, bundle_id)
             _append_once(history, {"status": "SUBMITTED", "at": t, "description": f"NDIF job {remote_job_id}"})
             cur.execute(
@@ -120,6 +150,61 @@ class RemoteBundles:
             history = self._history(cur, bundle_id)
             _append_once(history, {"status": "ABANDONED", "at": t, "description": reason})
             cur.execute(self._sql(ABANDON), (t, reason, json.dumps(history), bundle_id))
+
+    @retried
+    def resend_expired(self, worker: str, bundle_id: str, job_ids: Sequence[str], reason: str,
+                       finished_at: float | None) -> int:
+        """A completed request whose result link expired before it was downloaded: the bundle is
+        given up (EXPIRED in its history, with the time lost since NDIF finished it) and its jobs
+        go back to the queue at once, no attempt spent. Returns how many jobs went back."""
+        t = now()
+        sql = self._sql
+        entry: dict[str, Any] = {"status": "EXPIRED", "at": t, "description": reason}
+        if finished_at is not None:
+            entry.update(finished_at=finished_at, lost_s=max(t - finished_at, 0.0))
+        resent = 0
+        with self.db.cursor(write=True) as cur:
+            history = self._history(cur, bundle_id)
+            _append_once(history, entry)
+            cur.execute(sql(ABANDON), (t, reason, json.dumps(history), bundle_id))
+            for chunk in sql.chunks(list(job_ids)):
+                in_sql, ids = sql.in_(chunk)
+                cur.execute(sql(RESEND_JOBS, max=sql.max, ids=in_sql), [t, reason, t, *ids, worker])
+                resent += max(cur.rowcount, 0)
+                cur.execute(sql(CLOSE_OPEN_ATTEMPTS, ids=in_sql), [t, reason, *ids, worker])
+        return resent
+
+    @retried
+    def hold_for_model(self, worker: str, job_ids: Sequence[str], reason: str, delay_s: float) -> int:
+        """Claimed jobs whose model the backend does not run yet: back to the queue for `delay_s`,
+        the claim undone (no attempt spent, none recorded), `reason` on each job."""
+        t = now()
+        sql = self._sql
+        reason = clip_error(reason)
+        held = 0
+        with self.db.cursor(write=True) as cur:
+            for chunk in sql.chunks(list(job_ids)):
+                in_sql, ids = sql.in_(chunk)
+                cur.execute(sql(HOLD_JOBS, max=sql.max, ids=in_sql), [t + delay_s, reason, t, *ids, worker])
+                held += max(cur.rowcount, 0)
+                cur.execute(sql(DROP_OPEN_ATTEMPTS, ids=in_sql), [*ids, worker])
+        return held
+
+    @retried
+    def fail_queued_of_model(self, backend: str, model_key: str, error: str) -> int:
+        """Fail every queued job of `model_key` on `backend` with one error (the backend refused
+        the model); returns how many."""
+        t = now()
+        with self.db.cursor(write=True) as cur:
+            cur.execute(self._sql(FAIL_QUEUED_OF_MODEL), (clip_error(error), t, t, backend, model_key))
+            return max(cur.rowcount, 0)
+
+    @retried
+    def model_waits(self, prefix: str) -> list[tuple[str, int, str]]:
+        """Queued jobs whose error starts with `prefix` (waiting for their model), as (model, jobs, reason)."""
+        with self.db.cursor() as cur:
+            cur.execute(self._sql(MODEL_WAITS), (prefix + "%",))
+            return [(m, int(n), str(e)) for m, n, e in cur.fetchall()]
 
     def take_over(self, worker: str, lease_s: float, limit: int = 16) -> list[tuple[BundleRow, list[JobRow]]]:
         """Submitted bundles whose worker stopped renewing its leases, now leased to `worker`."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..states import JobState
+from .base import OnDatabase
 from .queue import CACHED, COMPLETED, FAILED, JOB_STATES, Queue, now
 from .retry import retried
 
@@ -111,15 +112,12 @@ def _record(row: Sequence[Any]) -> SweepRecord:
     return SweepRecord(name, digest, source, json.loads(spec), float(created), float(updated))
 
 
-class Sweeps:
+class Sweeps(OnDatabase):
     """The sweep operations of one queue database (its connections, its retry window)."""
 
     def __init__(self, queue: Queue) -> None:
+        super().__init__(queue.engine, queue.db_retry_s, queue._sql)
         self.queue = queue
-        self.db = queue.db
-        self.engine = queue.engine
-        self.db_retry_s = queue.db_retry_s
-        self._sql = queue._sql
 
     @retried
     def save(self, name: str, digest: str, source: str, spec: dict[str, Any], force: bool = False) -> bool:

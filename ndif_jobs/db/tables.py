@@ -116,12 +116,14 @@ attempts = Table(
 
 #: Each result in the store, once however many jobs point at it, with its size: what `status`
 #: sums as stored bytes without reading the jobs. Written with a job's completion, removed by
-#: `gc` (and by `submit` finding a result gone) as it detaches the result's jobs.
+#: `gc` (and by `submit` finding a result gone) as it detaches the result's jobs. On SQLite a
+#: WITHOUT ROWID table: keyed by `result_key` alone, a completion writes one b-tree here, not two.
 results = Table(
     "results",
     metadata,
     Column("result_key", String(64), primary_key=True),
     Column("bytes", Integer, nullable=False),
+    sqlite_with_rowid=False,
 )
 
 #: A sweep: a grid of jobs submitted from one spec file under one name. Its jobs carry the name

@@ -19,8 +19,9 @@ from typing import Any
 
 from sqlalchemy import case, delete, desc, insert, select, update
 
+from .base import OnDatabase
 from .engine import write_transaction
-from .retry import DEFAULT_RETRY_S, retried
+from .retry import retried
 from .tables import bundles, now, workers
 
 #: `stop_requested`: finish the bundle in hand, then exit (a first SIGTERM).
@@ -50,15 +51,12 @@ class WorkerRow:
         return cls(**dict(row._mapping))
 
 
-class Workers:
-    """The worker-table operations, on the queue's database (a `Database` or an Engine)."""
-
-    def __init__(self, engine: Any, db_retry_s: float = DEFAULT_RETRY_S) -> None:
-        self.engine = engine
-        self.db_retry_s = db_retry_s
+class Workers(OnDatabase):
+    """The worker-table operations, on the queue's database (a `Database` or an Engine), through
+    SQLAlchemy Core."""
 
     @classmethod
-    def of_queue(cls, queue: Any) -> Workers:
+    def of_queue(cls, queue: OnDatabase) -> Workers:
         """The table on `queue`'s database, with its retry window."""
         return cls(queue.engine, queue.db_retry_s)
 

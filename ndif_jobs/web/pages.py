@@ -64,6 +64,7 @@ def overview(service: Service, counts: Counts | None = None) -> dict[str, Any]:
         "lease_expired": queue.lease_expired_counts(),
         "retrying": retrying,
         "next_retry": next_retry,
+        "waiting_for_model": service.waiting_for_model(),
     }
 
 
@@ -124,6 +125,9 @@ class ResultView:
     has_plot: bool
     bytes: int | None = None
     error: str | None = None
+    #: How the result was made (`provenance.lines`), NDIF's job id left out: the page shows it
+    #: only behind the token.
+    provenance: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -141,11 +145,13 @@ class JobView:
 
 
 def result_view(result: Result) -> ResultView:
+    from ..provenance import lines, of_manifest
     from ..summaries import summarize
 
     names = [(name, *present.describe(value)) for name, value in result.items()]
     return ResultView(names=names, summary=summarize(str(result.job["experiment"]), result),
-                      has_plot=has_plot(str(result.job["experiment"])))
+                      has_plot=has_plot(str(result.job["experiment"])),
+                      provenance=lines(of_manifest(result.manifest), show_job_id=False))
 
 
 def has_plot(experiment: str) -> bool:

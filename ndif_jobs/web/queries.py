@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import owners
+from ..db.base import OnDatabase
 from ..db.queue import JOB_COLUMNS, JobRow, Queue, _like_literal
 from ..db.retry import retried
 from ..db.sweeps import Progress
@@ -176,20 +176,12 @@ class Snapshot:
                 self._refreshing = False
 
 
-class Reads:
+class Reads(OnDatabase):
     """The page reads over one queue (its connections and retry window, as `Queue`'s own)."""
 
     def __init__(self, queue: Queue) -> None:
+        super().__init__(queue.engine, queue.db_retry_s, queue._sql)
         self.queue = queue
-        self.db = queue.db
-        self.engine = queue.engine
-        self.db_retry_s = queue.db_retry_s
-        self._sql = queue._sql
-
-    def _all(self, sql: str, bound: Sequence[Any] = ()) -> list[Any]:
-        with self.db.cursor() as cur:
-            cur.execute(sql, bound)
-            return cur.fetchall()
 
     @retried
     def tag_progress(self) -> list[Progress]:

@@ -40,7 +40,7 @@ from ..notify import LoopNotices
 from ..runner.registry import WorkerRecord
 from ..service import Service
 from .heartbeat import Heartbeat
-from .remote import RemoteExecution
+from .remote import RemoteExecution, ResultExpired
 
 log = get_logger("ndif_jobs.worker")
 
@@ -439,7 +439,27 @@ class Worker:
             if waited is None:
                 return
             outcomes.update(waited)
-        self.handle_success(bundle_id, jobs, outcomes, blog, started or time.time())
+        made = self._provenance(backend, bundle_id, handle, jobs, outcomes, blog)
+        self.handle_success(bundle_id, jobs, outcomes, blog, started or time.time(), made)
+
+    def _provenance(
+        self, backend: Backend, bundle_id: str, handle: Handle | None, jobs: list[Job],
+        outcomes: dict[str, JobOutcome], blog: Any,
+    ) -> dict[str, Any] | None:
+        """What each result of the bundle records of how it was made (`provenance.py`), and the
+        bytes downloaded on the bundle's row (`ndif-jobs usage`). Never a reason to lose a result."""
+        if handle is None or not any(o.ok for o in outcomes.values()):
+            return None
+        from .. import provenance
+
+        try:
+            if handle.downloaded_bytes is not None:
+                self.remote.bundles.set_result_bytes(bundle_id, handle.downloaded_bytes)
+            return provenance.for_bundle(backend, handle, self.service.queue.bundle(bundle_id), jobs[0].model,
+                                         jobs[0].model_key)
+        except Exception as exc:  # noqa: BLE001 - the results are stored without it
+            blog.warning("could not record how the results were made", error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def _wait(
         self, backend: Backend, bundle_id: str, handle: Handle, jobs: list[Any], blog: Any
@@ -452,9 +472,13 @@ class Worker:
         try:
             with Heartbeat(self.service, self.id, job_ids):
                 outcomes = backend.wait(handle, self._stopping, on_status)
+        except ResultExpired as exc:
+            self.remote.resend_expired(backend, bundle_id, handle, jobs, exc, blog)
+            return None
         except Rejected as exc:
             blog.error("the backend cannot run this bundle; fix this, then `ndif-jobs retry` the jobs", error=str(exc))
             self.handle_failure(bundle_id, job_ids, str(exc))
+            self.remote.refused(backend, jobs, exc, blog)
             return None
         except RemoteJobError as exc:
             self.remote.split(backend, bundle_id, jobs, str(exc), blog)
@@ -529,12 +553,13 @@ class Worker:
     # -- outcomes ---------------------------------------------------------------------------
 
     def handle_success(
-        self, bundle_id: str, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any, started: float
+        self, bundle_id: str, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any, started: float,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         """Store each result, then mark jobs completed, or failed with their experiment's error."""
         queue = self.service.queue
         outcomes = _share_outcomes(jobs, outcomes)
-        completed, failed = self._store_results(jobs, outcomes, blog)
+        completed, failed = self._store_results(jobs, outcomes, blog, provenance)
         # Experiment errors are the experiment's: no blind retry. Storage errors are ours: retry.
         experiment_errors = [(j, e) for j, e in failed if not outcomes[j].ok]
         store_errors = [(j, e) for j, e in failed if outcomes[j].ok]
@@ -554,7 +579,7 @@ class Worker:
         blog.info("bundle finished", seconds=round(time.time() - started, 3), **counts)
 
     def _store_results(
-        self, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any
+        self, jobs: list[Any], outcomes: dict[str, JobOutcome], blog: Any, provenance: dict[str, Any] | None = None
     ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
         """Each successful job's result, stored (once per key: one computation shared by several
         jobs is stored once). Returns (job, key, bytes) of the stored and (job, error) of the rest."""
@@ -572,12 +597,12 @@ class Worker:
             try:
                 size = stored.get(job.key)
                 if size is None:
-                    size = stored[job.key] = self.service.store.put(
-                        job.key,
-                        outcome.result or {},
-                        info={"experiment": job.experiment, "model": job.model, "params": job.params,
-                              "job": job_id},
-                    )
+                    info = {"experiment": job.experiment, "model": job.model, "params": job.params, "job": job_id}
+                    if provenance is not None:
+                        from ..provenance import FIELD, for_job
+
+                        info[FIELD] = for_job(provenance, getattr(job, "created_at", None))
+                    size = stored[job.key] = self.service.store.put(job.key, outcome.result or {}, info=info)
             except NdifJobsError as exc:
                 jlog.error("storing the result failed", error=str(exc))
                 failed.append((job_id, str(exc)))

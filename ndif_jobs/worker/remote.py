@@ -9,6 +9,12 @@ Also here: splitting a bundle the backend failed as a whole, halving it until th
 is alone (`split`), giving up on a bundle past its deadline (`abandon`), and the outage breaker:
 while a backend is unavailable the worker sends it nothing and puts bundles back in the queue
 with no attempt spent (`deferring`, `trip`).
+
+A result is never wasted for a link that expired: NDIF's result link lives an hour, and a
+worker that slept (or was dead) through it finds a 403; the request ran, so its jobs go back to
+the queue at once, no attempt spent, the time lost in their history (`resend_expired`). A model
+NDIF does not run is not sent to (`deferring`: its jobs wait in the queue, saying why), and a
+model NDIF refuses fails all its queued jobs once (`refused`), not each in its own request.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import crashpoints
 from ..backends import Backend, Handle, Status, backend_class
+from ..backends.ndif import ModelRefused, ResultExpired
+from ..backends.ndif_status import waiting_reason
 from ..db.remote import RemoteBundles
 from ..logging import get_logger, scrub
+from ..model_refs import resolve_model
 
 if TYPE_CHECKING:
     from ..backends.base import OnStatus
@@ -37,6 +46,10 @@ class RemoteExecution:
         #: Per backend: outages in a row, and until when this worker sends it nothing more.
         self._outages: dict[str, int] = defaultdict(int)
         self._unavailable_until: dict[str, float] = {}
+        #: Per (backend, model key): what the backend said refusing the model, and until when it stands.
+        self._refused: dict[tuple[str, str], tuple[str, float]] = {}
+        #: Per (backend, model key): the reason its jobs wait, as last logged (said once per change).
+        self._waiting: dict[tuple[str, str], str] = {}
 
     # -- the outage breaker --------------------------------------------------------------
 
@@ -45,10 +58,71 @@ class RemoteExecution:
         to the queue (True); otherwise False."""
         until = self._unavailable_until.get(backend, 0.0)
         if time.time() >= until:
-            return False
+            return self._model_not_ready(backend, jobs)
         title = backend_class(backend).title
         self._defer(title, [j.id for j in jobs], None, until - time.time(), f"{title} is unavailable", log)
         return True
+
+    # -- models the backend does not run (yet), or refuses ---------------------------------
+
+    def _model_not_ready(self, name: str, jobs: list[Any]) -> bool:
+        """True when the jobs were not sent: their model was refused moments ago (they fail with
+        it), or the backend does not run it now (they wait in the queue, no attempt spent)."""
+        worker = self.worker
+        model_key = jobs[0].model_key
+        refused = self._refused.get((name, model_key))
+        if refused is not None and time.time() < refused[1]:
+            worker.count(worker.service.queue.in_transaction(
+                lambda tx: tx.fail(worker.id, [(j.id, refused[0]) for j in jobs]), name="fail refused model"))
+            return True
+        backend = worker.backend(name)
+        not_ready = getattr(backend, "not_ready", None)
+        if not_ready is None:
+            return False
+        ref = resolve_model(jobs[0].model)
+        why = not_ready(ref)
+        if why is None:
+            if self._waiting.pop((name, model_key), None) is not None:
+                log.info(f"{backend.title} runs the model now: sending its jobs", model=jobs[0].model)
+            return False
+        reason = waiting_reason(jobs[0].model, why)
+        if self._waiting.get((name, model_key)) != reason:
+            self._waiting[(name, model_key)] = reason
+            log.warning(f"not sending to a model {backend.title} does not run: its jobs wait in the queue, no"
+                        " attempt spent", model=jobs[0].model, why=why, hint="NDIF_JOBS_ALLOW_COLD=1 sends anyway")
+        self.bundles.hold_for_model(worker.id, [j.id for j in jobs], reason, worker.settings.model_wait_s)
+        return True
+
+    def refused(self, backend: Backend, jobs: list[Any], error: Exception, blog: Any) -> None:
+        """After the backend refused a bundle: if it refused the model itself, every queued job of
+        the model fails with the same answer now, instead of each going to the backend to get it."""
+        if not isinstance(error, ModelRefused) or not jobs:
+            return
+        model_key = jobs[0].model_key
+        message = str(error)
+        self._refused[(backend.name, model_key)] = (message, time.time() + self.worker.settings.model_wait_s)
+        failed = self.bundles.fail_queued_of_model(backend.name, model_key, message)
+        blog.error(f"{backend.title} refused the model: its queued jobs failed with it", model=jobs[0].model,
+                   queued_failed=failed)
+        self.worker.stats.failed += failed
+
+    # -- a completed result whose link expired -------------------------------------------
+
+    def resend_expired(self, backend: Backend, bundle_id: str, handle: Handle, jobs: list[Any],
+                       error: ResultExpired, blog: Any) -> None:
+        """The request completed but its result link expired before the download: its jobs go
+        back to the queue at once, no attempt spent, with the time lost since it completed."""
+        t = time.time()
+        life_min = round(error.life_s / 60)
+        if error.made_at is not None:
+            lost = f"{_duration(t - error.made_at)} lost since {backend.title} finished it"
+        else:
+            lost = f"at least {life_min} min lost"
+        reason = f"result link expired after {life_min} min: sent again ({lost}, no attempt spent)"
+        blog.warning(f"the {backend.title} result link expired before the download: sending the jobs again",
+                     remote_job=handle.remote_id, reason=reason)
+        resent = self.bundles.resend_expired(self.worker.id, bundle_id, [j.id for j in jobs], reason, error.made_at)
+        self.worker.count({"retried": resent})
 
     def trip(self, backend: Backend, job_ids: list[str], bundle_id: str, reason: str, blog: Any) -> None:
         """The backend could not take the bundle: back off, longer with each outage in a row."""
@@ -126,3 +200,12 @@ class RemoteExecution:
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
             worker.run_bundle(backend.name, jobs[0].model, part)
+
+
+def _duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3 h 5 min`."""
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60} min"

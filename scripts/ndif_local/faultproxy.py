@@ -7,6 +7,7 @@ proxy forwards every request to the real API and, when told to, answers in their
     proxy = FaultProxy(upstream="http://127.0.0.1:8011").start()
     proxy.inject("submit", "503", times=2)     # the next two POST /request get a 503
     proxy.inject("download", "truncate")       # the next result download is cut short
+    proxy.inject("download", "expired")        # the next result download answers 403: the link expired
     proxy.latency_s["submit"] = 2.0            # every POST /request waits 2 s (queue latency)
     proxy.down = True                          # NDIF is down: every connection is cut, unanswered
 
@@ -27,7 +28,10 @@ from urllib.parse import parse_qs, quote, urlparse
 import httpx
 
 KINDS = {"submit", "poll", "download", "status"}
-FAULTS = {"503", "429", "500", "drop", "truncate", "corrupt", "garbage", "delay"}
+FAULTS = {"503", "429", "500", "drop", "truncate", "corrupt", "garbage", "delay", "expired"}
+#: What an S3-compatible store answers for a presigned URL past its expiry.
+EXPIRED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Request has expired</Message></Error>")
 
 
 class FaultProxy:
@@ -164,6 +168,8 @@ class FaultProxy:
                         return self._send(int(name), detail, {"Content-Type": "application/json"})
                     elif name == "drop":
                         return self._drop()
+                    elif name == "expired":
+                        return self._send(403, EXPIRED_BODY, {"Content-Type": "application/xml"})
                     elif name == "garbage":
                         return self._send(200, b"<html>not json</html>", {"Content-Type": "text/html"})
                 if kind == "poll" and urlparse(self.path).path.rsplit("/", 1)[-1] in proxy.stalled:
