@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ResultCorrupt
-from .codec import encode_manifest, flatten, new_manifest
-from .safetensors_io import _Hasher, _header, _Staging, _tensor_pieces, _write_all
-from .store import MANIFEST_FILE, TENSOR_FILE, ResultStore, StoredResult, _fsync_dir, _settled_stamp, _stamp
+from .codec import encode_manifest, new_manifest
+from .safetensors_io import _header, _Staging, _tensor_pieces, _write_all
+from .store import (
+    MANIFEST_FILE,
+    TENSOR_FILE,
+    ResultStore,
+    StoredResult,
+    _fsync_dir,
+    _settled_stamp,
+    _stamp,
+)
 
 #: Downloads one data file of a result to a path; returns the sha256 (hex) and size it wrote.
 Fetch = Callable[[str, Path], tuple[str, int]]
@@ -39,6 +47,21 @@ Fetch = Callable[[str, Path], tuple[str, int]]
 VERIFIED_FILE = "verified.json"
 #: Seconds the cache's counted size is trusted before it is measured again.
 RESCAN_S = 5.0
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A result's tensor file written and synced into a temporary folder of the cache: not yet
+    hashed (no manifest) nor in place."""
+
+    key: str
+    folder: Path
+    files: dict[str, Path]
+    stamps: dict[str, Any]
+    bytes: int
+    structure: Any
+    tensors: Mapping[str, Any]
+    info: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -146,11 +169,11 @@ class ResultCache(ResultStore):
         system has it, else per-file through `sync`)."""
         _sync_filesystem(self.root)
 
-    def stage(self, key: str, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Staged:
-        """Write a result into a temporary folder here, hashing while writing but not syncing, so
-        that its data files can go up to the object store at once while `sync` flushes them.
-        The files and manifest are the ones `put` writes; `settle` puts them in place."""
-        structure, tensors = flatten(result)
+    def stage(self, key: str, structure: Any, tensors: Mapping[str, Any], info: Mapping[str, Any] | None = None,
+              ) -> Draft:
+        """Write a result's tensor file (from `flatten`'s structure and tensors) into a temporary
+        folder here, synced but not yet hashed nor in place: `put` writes it beside the upload,
+        which hashes the same bytes as it sends them, then `seal` and `settle` finish it."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         folder = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(mode=0o700)
@@ -158,25 +181,22 @@ class ResultCache(ResultStore):
             path = folder / TENSOR_FILE
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                sha256, size = _write_hashed(fd, tensors)
+                size = _write_plain(fd, tensors)
+                os.fsync(fd)
                 stamp = _settled_stamp(os.fstat(fd))
             finally:
                 os.close(fd)
-            files = {TENSOR_FILE: {"sha256": sha256, "bytes": size, "stat": stamp}}
-            body = encode_manifest(new_manifest(key, info or {}, files, structure, tensors))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Staged(key, folder, body, {TENSOR_FILE: path}, {TENSOR_FILE: stamp}, size + len(body))
+        return Draft(key, folder, {TENSOR_FILE: path}, {TENSOR_FILE: stamp}, size, structure, tensors, info or {})
 
-    def sync(self, staged: Staged) -> None:
-        """fsync a staged result's data files (the slow part of writing it; runs beside the upload)."""
-        for path in staged.files.values():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def seal(self, draft: Draft, sha256: str) -> Staged:
+        """A staged tensor file with its sha256 (taken from the same bytes as they were uploaded)
+        and the body of its manifest (not yet written)."""
+        files = {TENSOR_FILE: {"sha256": sha256, "bytes": draft.bytes, "stat": draft.stamps[TENSOR_FILE]}}
+        body = encode_manifest(new_manifest(draft.key, draft.info, files, draft.structure, draft.tensors))
+        return Staged(draft.key, draft.folder, body, draft.files, draft.stamps, draft.bytes + len(body))
 
     def settle(self, staged: Staged) -> None:
         """Put a synced staged result in place, verified (this machine wrote it). A copy already
@@ -202,7 +222,7 @@ class ResultCache(ResultStore):
             raise
         self._count(staged.bytes)
 
-    def drop(self, staged: Staged) -> None:
+    def drop(self, staged: Draft | Staged) -> None:
         shutil.rmtree(staged.folder, ignore_errors=True)
 
     def data_name(self, key: str, name: str) -> str:
@@ -261,23 +281,18 @@ class ResultCache(ResultStore):
         return removed
 
 
-def _write_hashed(fd: int, tensors: Mapping[str, Any]) -> tuple[str, int]:
-    """The safetensors file `write_safetensors` writes, hashed on a second thread as it is
-    written, without its fsync (`ResultCache.sync` does that beside the upload)."""
+def _write_plain(fd: int, tensors: Mapping[str, Any]) -> int:
+    """The safetensors file `write_safetensors` writes, not hashed (the upload hashes the same
+    bytes as it sends them) nor synced; returns its size."""
     head, order = _header(tensors, {})
     staging = _Staging()
-    hasher = _Hasher(staging)
-    try:
-        hasher.update((memoryview(head), None))
-        _write_all(fd, memoryview(head))
-        for name, _nbytes in order:
-            for piece in _tensor_pieces(tensors[name], staging):
-                hasher.update(piece)
-                _write_all(fd, piece[0])
-        digest = hasher.hexdigest()
-    finally:
-        hasher.close(abort=True)
-    return digest, len(head) + sum(nbytes for _, nbytes in order)
+    _write_all(fd, memoryview(head))
+    for name, _nbytes in order:
+        for view, buffer in _tensor_pieces(tensors[name], staging):
+            _write_all(fd, view)
+            if buffer is not None:
+                staging.give(buffer)
+    return len(head) + sum(nbytes for _, nbytes in order)
 
 
 def _sync_filesystem(path: Path) -> None:

@@ -29,10 +29,11 @@ from typing import Any
 
 from ..errors import NdifJobsError, OfflineMiss, ResultCorrupt, ResultMissing, StoreError
 from .backend import StoreBackend
-from .cache import ResultCache
-from .codec import decode_manifest
+from .cache import Draft, ResultCache
+from .codec import decode_manifest, flatten
 from .s3 import CommitRaced, S3Bucket
-from .store import MANIFEST_FILE, StoredInfo, StoredResult, is_key
+from .safetensors_io import SafetensorsStream
+from .store import MANIFEST_FILE, TENSOR_FILE, StoredInfo, StoredResult, is_key
 
 WRITE_META = "ndif-jobs-write"
 #: Manifests read at once by `manifests` (small requests: latency, not bandwidth, bounds them).
@@ -232,9 +233,9 @@ class ObjectResultStore(StoreBackend):
         """Upload the data files, then commit the manifest; a failure removes what this write
         uploaded and leaves this machine's cache as it was.
 
-        The result is written once, into a temporary folder of the cache (hashed while written),
-        and its tensor file goes up from there while a second thread fsyncs it, so the upload
-        does not wait for the disk; once the manifest is committed the same folder is renamed
+        The tensor file goes up straight from the tensors' memory (hashed as it is sent) while a
+        second thread writes and fsyncs the same bytes into a temporary folder of the cache, so
+        neither waits for the other; once the manifest is committed the same folder is renamed
         into the cache. A result already cached here (an earlier put whose upload failed) is
         checked and uploaded from the cache.
         """
@@ -243,26 +244,34 @@ class ObjectResultStore(StoreBackend):
             return self._stored_bytes(key)
         if self.cache.exists(key):
             return self._put_cached(key, result, info)
-        staged = self.cache.stage(key, result, info)
+        structure, tensors = flatten(result)
+        stream = SafetensorsStream(tensors)
         write = uuid.uuid4().hex
-        uploaded: list[str] = []
+        object_name = self._folder(key) + write + "/" + TENSOR_FILE
+        uploaded = [object_name]
+        draft: Draft | None = None
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="ndif-jobs-fsync") as pool:
-                synced = pool.submit(self.cache.sync, staged)  # leaving `with` waits for it, whatever happens
-                for name, path in staged.files.items():
-                    object_name = self._folder(key) + write + "/" + name
-                    uploaded.append(object_name)
-                    self.bucket.upload(path, object_name)
-                synced.result()
+            with ThreadPoolExecutor(1, thread_name_prefix="ndif-jobs-put") as pool:
+                drafted = pool.submit(self.cache.stage, key, structure, tensors, info)
+                try:
+                    self.bucket.upload_stream(stream, object_name)
+                finally:
+                    error = drafted.exception()  # waits for the local copy, whatever happened here
+                    draft = drafted.result() if error is None else None
+                if draft is None:
+                    raise error or StoreError(f"result {key[:12]}: the local copy was not written")
+            staged = self.cache.seal(draft, stream.hexdigest())
             self.bucket.put_bytes(self._manifest_name(key), staged.manifest_body, {WRITE_META: write},
                                   if_absent=True)
         except CommitRaced:
             self._discard(uploaded)
-            self.cache.drop(staged)
+            if draft is not None:
+                self.cache.drop(draft)
             return self._stored_bytes(key)
         except BaseException:
             self._discard(uploaded)
-            self.cache.drop(staged)
+            if draft is not None:
+                self.cache.drop(draft)
             raise
         try:
             self.cache.settle(staged)

@@ -198,6 +198,13 @@ class S3Bucket:
         with self.errors("write", name):
             self.client.upload_file(str(path), self.bucket, self._key(name), Config=self._transfer)
 
+    def upload_stream(self, stream: Any, name: str) -> None:
+        """Upload a readable stream that cannot seek: the transfer manager reads it part by part,
+        in order, and sends the parts in parallel."""
+        self.client  # noqa: B018 - creating the client first turns bad credentials or settings into one error
+        with self.errors("write", name):
+            self.client.upload_fileobj(stream, self.bucket, self._key(name), Config=self._transfer)
+
     def download(self, name: str, path: Path, size: int | None = None) -> Downloaded:
         """Download an object into a file, hashing its bytes as they are written (so the caller
         checks them without reading the file again). One `size` says is smaller than a part is

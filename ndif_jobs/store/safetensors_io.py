@@ -178,6 +178,63 @@ def _write_all(fd: int, chunk: memoryview) -> None:
         written += os.write(fd, chunk[written:])
 
 
+class SafetensorsStream:
+    """The bytes `write_safetensors` writes, as a stream read straight from the tensors' memory
+    and hashed as they pass: an upload can go from memory while the local copy is written. It
+    cannot seek, so a reader (boto3's transfer manager) takes it in order, part by part."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        head, order = _header(tensors, {})
+        self.size = len(head) + sum(nbytes for _, nbytes in order)
+        self._digest = hashlib.sha256()
+        self._staging = _Staging()
+        self._pieces = self._all_pieces(head, [tensors[name] for name, _ in order])
+        self._current: Piece | None = None
+        self._offset = 0
+        self.sent = 0
+
+    def _all_pieces(self, head: bytes, tensors: list[Any]) -> Iterator[Piece]:
+        yield memoryview(head), None
+        for tensor in tensors:
+            yield from _tensor_pieces(tensor, self._staging)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, amount: int = -1) -> bytes:
+        parts: list[bytes | memoryview] = []
+        got = 0
+        while amount < 0 or got < amount:
+            if self._current is None:
+                self._current, self._offset = next(self._pieces, None), 0
+                if self._current is None:
+                    break
+            view, buffer = self._current
+            want = len(view) - self._offset if amount < 0 else min(amount - got, len(view) - self._offset)
+            part = view[self._offset : self._offset + want]
+            # A staging buffer is reused once given back: its bytes are copied out first.
+            parts.append(part if buffer is None else bytes(part))
+            got += want
+            self._offset += want
+            if self._offset == len(view):
+                if buffer is not None:
+                    self._staging.give(buffer)
+                self._current = None
+        out = b"".join(parts)
+        self._digest.update(out)
+        self.sent += len(out)
+        return out
+
+    def hexdigest(self) -> str:
+        """sha256 of the whole stream; raises `StoreError` unless all of it was read."""
+        if self.sent != self.size:
+            raise StoreError(f"the upload read {self.sent} of {self.size} bytes of the tensor file")
+        return self._digest.hexdigest()
+
+
 class Written(NamedTuple):
     """A file `write_safetensors` wrote: its sha256, its size, and its stat once fsynced."""
 
