@@ -23,12 +23,13 @@ PREFIX = "ndif_jobs_"
 #: The settings read here, by their lower-case variable names.
 _READ = {"ndif_jobs_home", "ndif_jobs_database_url", "ndif_jobs_db_retry_s", "ndif_jobs_offline"}
 #: Settings the read commands do not use, checked as `Settings` checks them, so that a value it
-#: would refuse is left to it: any text; a number above 0 (each has no upper bound); one of a
-#: few words; true or false.
+#: would refuse is left to it: any text; a number above 0 (with no upper bound, or the one named
+#: in `_AT_MOST`); one of a few words; true or false.
 _ANY_TEXT = {"ndif_host", "ndif_api_key", "ndif_jobs_default_model", "ndif_jobs_device", "ndif_jobs_models_cache"}
 _POSITIVE = {f"ndif_jobs_{name}" for name in (
     "retry_backoff_s", "retry_backoff_max_s", "lease_s", "poll_s", "db_retry_s", "bundle_time_limit_s",
     "bundle_deadline_s", "http_timeout_s", "http_retry_max_s", "eviction_grace_s", "poll_min_s", "poll_max_s")}
+_AT_MOST = {"ndif_jobs_poll_max_s": 1800.0}
 _CHOICES = {"ndif_jobs_log_level": {"debug", "info", "warning", "error"},
             "ndif_jobs_log_format": {"auto", "console", "json"},
             "ndif_jobs_default_backend": {"local", "ndif"}}
@@ -106,7 +107,7 @@ def _plainly_valid(name: str, value: str) -> bool:
     if name == "ndif_jobs_home" or name == "ndif_jobs_database_url":
         return bool(value.strip())
     if name in _POSITIVE:
-        return _NUMBER.fullmatch(value) is not None and float(value) > 0
+        return _NUMBER.fullmatch(value) is not None and 0 < float(value) <= _AT_MOST.get(name, float("inf"))
     if name in _CHOICES:
         return value in _CHOICES[name]
     if name in _FLAGS:

@@ -22,7 +22,7 @@ POSTGRES_URL = os.environ.get("NDIF_JOBS_TEST_POSTGRES_URL", "postgresql+psycopg
 
 # Child processes and Settings() in this process see the same clean configuration.
 for _name in list(os.environ):
-    if _name.startswith("NDIF_JOBS_") and _name not in ("NDIF_JOBS_TEST_MODELS", "NDIF_JOBS_TEST_POSTGRES_URL"):
+    if _name.startswith("NDIF_JOBS_") and not _name.startswith("NDIF_JOBS_TEST_"):
         del os.environ[_name]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,35 +33,71 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: (`test_web`), one worker's run over a sweep or a tag (`test_sweeps`, `test_collect`).
 SHARED_FIXTURE_MODULES = ("test_web.py", "test_sweeps.py", "test_collect.py")
 
+#: How many local NDIF stacks the NDIF tests are spread over under xdist. Each process that runs
+#: NDIF tests starts its own session stack, and the tests on one stack run one after another: on a
+#: single stack they would outlast the rest of the run. NDIF_JOBS_TEST_NDIF_STACKS=1: one stack.
+NDIF_STACKS = max(1, int(os.environ.get("NDIF_JOBS_TEST_NDIF_STACKS", "2")))
+
+#: Groups handed out first, longest first (xdist starts a group on a free process in the order
+#: the tests are collected): a long group started last would run on alone at the end. The harness
+#: test's own stack comes after the others, so that it does not start beside the session stacks.
+GROUPS_FIRST = ("ndif-stack", "db-outage", "test_sweeps", "test_collect", "test_web", "ndif-harness")
+
+
+def _group(item: pytest.Item, ndif_index: int) -> str | None:
+    module = item.path.name
+    if module == "test_ndif_local_harness.py":
+        return "ndif-harness"
+    if "local_ndif" in getattr(item, "fixturenames", ()):
+        # Dealt out in turn: consecutive tests of a module land on different stacks.
+        return "ndif-stack" if NDIF_STACKS == 1 else f"ndif-stack-{ndif_index % NDIF_STACKS}"
+    if module == "test_db_outage.py":
+        return "db-outage"
+    if module in SHARED_FIXTURE_MODULES:
+        return module.removesuffix(".py")
+    return None
+
+
+def _start_rank(item: pytest.Item) -> int:
+    """Where a test's unit goes in the queue: the groups (longest first), then tests marked slow,
+    then the rest, each in collection order."""
+    marks = [mark.args[0] for mark in item.iter_markers("xdist_group")]
+    if marks:
+        name = marks[0]
+        for rank, prefix in enumerate(GROUPS_FIRST):
+            if name == prefix or name.startswith(prefix + "-"):
+                return rank
+        return len(GROUPS_FIRST)
+    return len(GROUPS_FIRST) + (1 if item.get_closest_marker("slow") else 2)
+
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`scripts/test` runs several processes with `--dist loadgroup`), tests
-    that share something outside their tmp folder run one after another in one process: every test
-    on the session's NDIF stack, the harness test with its own stack, the database-outage tests
-    (one shared database they take offline), and the modules whose tests share one expensive
-    module fixture (a server and browser, a worker's run). A PostgreSQL test has a database of its
-    own (`postgres_url`), so those spread freely. Without xdist the marks change nothing."""
+    that share something outside their tmp folder run one after another in one process: the tests
+    on one session NDIF stack (NDIF_STACKS stacks, one per process that runs them), the harness
+    test with its own stack, the database-outage tests (one shared database they take offline),
+    and the modules whose tests share one expensive module fixture (a server and browser, a
+    worker's run). A PostgreSQL test has a database of its own (`postgres_url`), so those spread
+    freely. The long units are queued first (pytest_configure turns off xdist's own ordering by
+    test count). Without xdist the marks change nothing and the order stays as collected."""
+    ndif_index = 0
     for item in items:
-        module = item.path.name
-        fixtures = getattr(item, "fixturenames", ())
-        if module == "test_ndif_local_harness.py":
-            group = "ndif-harness"
-        elif "local_ndif" in fixtures:
-            group = "ndif-stack"
-        elif module == "test_db_outage.py":
-            group = "db-outage"
-        elif module in SHARED_FIXTURE_MODULES:
-            group = module.removesuffix(".py")
-        else:
+        group = _group(item, ndif_index)
+        if group is None:
             continue
+        if group.startswith("ndif-stack"):
+            ndif_index += 1
         item.add_marker(pytest.mark.xdist_group(group))
+    if config.getoption("dist", "no") == "loadgroup":
+        items.sort(key=_start_rank)  # stable: collection order within a rank
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse to run grouped tests side by side. pytest-xdist 3.8 groups tests by rewriting
     `Item._nodeid`, which pytest 9.2 no longer reads: the groups would silently run in parallel
-    (two NDIF stacks, two tests dropping the same PostgreSQL tables)."""
+    (two tests on one NDIF stack, two tests dropping the same PostgreSQL tables). Under loadgroup,
+    xdist's reordering by test count is turned off: pytest_collection_modifyitems orders the units."""
     import inspect
 
     from _pytest.nodes import Node
@@ -69,6 +105,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in inspect.getsource(Node.nodeid.fget):
         raise pytest.UsageError("pytest-xdist cannot group tests under this pytest: install the pytest "
                                 "pinned in constraints.txt (scripts/setup does)")
+    if config.getoption("dist", "no") == "loadgroup":
+        config.option.loadscopereorder = False  # the order of pytest_collection_modifyitems stands
 
 
 @pytest.fixture
@@ -203,17 +241,22 @@ def postgres_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-# -- the real NDIF server (scripts/ndif-local), one private stack per test session -------------------
+# -- the real NDIF server (scripts/ndif-local), one private stack per test process ------------------
 
 NDIF_SCRIPT = REPO / "scripts" / "ndif-local"
 NDIF_SHARED_ROOT = Path(os.environ.get("NDIF_LOCAL_ROOT") or REPO / ".ndif-local")
 
 
 def _free_port_block() -> int:
+    """A free block of ports, searched from a start of this xdist process's own (gw0, gw1, ...),
+    so that two processes starting their stacks at once do not both take the first free block.
+    The starts lie between the ports Ray's client server hands out (23000-23999) and the kernel's
+    ephemeral ports (32768 up), either of which could take a port of the block after the check."""
     sys.path.insert(0, str(REPO / "scripts"))
     from ndif_local.harness import free_port_block
 
-    return free_port_block()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return free_port_block(start=24000 + 1000 * (int(worker) % 8 if worker.isdigit() else 0), stop=32700)
 
 
 class LocalNdif:
@@ -235,16 +278,24 @@ class LocalNdif:
         return int(self.harness("requests", "--status", "200").stdout.strip())
 
     def client_env(self, base: dict[str, str], host: str | None = None) -> dict[str, str]:
-        return {**base, "NDIF_HOST": host or self.host, "HF_HOME": str(self.root / "hf_home"),
-                "HF_HUB_OFFLINE": "1", "NDIF_JOBS_ALLOW_HTTP_LOOPBACK": "1"}
+        """`base` pointed at this stack. A worker polls a request at most every second (unless
+        `base` says otherwise): the production ceiling of 10 s would leave each test waiting up to
+        that long after NDIF has finished."""
+        return {"NDIF_JOBS_POLL_MAX_S": "1", **base, "NDIF_HOST": host or self.host,
+                "HF_HOME": str(self.root / "hf_home"), "HF_HUB_OFFLINE": "1", "NDIF_JOBS_ALLOW_HTTP_LOOPBACK": "1"}
 
 
 @pytest.fixture(scope="session")
 def local_ndif(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The real NDIF 0.1.2 server with the embedded model deployed as `local/smollm2`."""
+    import fcntl
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NDIF_", "HF_HOME"))}
-    setup = subprocess.run([sys.executable, str(NDIF_SCRIPT), "setup", "--root", str(NDIF_SHARED_ROOT)],
-                           env=env, capture_output=True, text=True, timeout=1200)
+    NDIF_SHARED_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(NDIF_SHARED_ROOT / ".setup.lock", "w") as lock:  # one setup at a time (xdist processes)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        setup = subprocess.run([sys.executable, str(NDIF_SCRIPT), "setup", "--root", str(NDIF_SHARED_ROOT)],
+                               env=env, capture_output=True, text=True, timeout=1200)
     assert setup.returncode == 0, setup.stderr[-3000:]
     root = tmp_path_factory.mktemp("ndif-local")
     env.update(NDIF_LOCAL_ROOT=str(root), NDIF_LOCAL_PORT=str(_free_port_block()),

@@ -54,7 +54,17 @@ def submit_all(env: dict[str, str], jobs=JOBS, backend: str = "ndif", model: str
 
 
 def values(env: dict[str, str], job_id: str) -> dict:
-    return json.loads(run_cli("results", job_id, "--json", env=env, check=True).stdout)["values"]
+    """A job's values as `results --json` prints them (the same load and conversion), read in this
+    process: it has torch loaded already, and a `results` process per job would load it again."""
+    from ndif_jobs.db.engine import dispose_engines
+    from ndif_jobs.service import Service
+    from ndif_jobs.settings import Settings
+    from ndif_jobs.store.codec import to_jsonable
+
+    try:
+        return to_jsonable(Service(Settings(home=Path(env["NDIF_JOBS_HOME"]))).load_result(job_id).to_dict())
+    finally:
+        dispose_engines()
 
 
 def result_folders(home: Path) -> list[Path]:
@@ -435,7 +445,8 @@ def test_api_keys_are_checked_and_never_leak(ndif_env, local_ndif, home) -> None
         env = {**ndif_env, "NDIF_API_KEY": good}
         (job,) = submit_all(env, jobs=JOBS[:1])
         run_cli("worker", "--until-empty", env=env, check=True, timeout=300)
-        assert json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)["state"] == "completed"
+        shown = json.loads(run_cli("show", job, "--json", env=env, check=True).stdout)
+        assert shown["state"] == "completed", shown
         stored = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
         for secret in (malformed, good):
             assert secret.encode() not in stored  # not in the database, results or anything else

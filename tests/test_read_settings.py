@@ -82,7 +82,9 @@ def test_every_name_it_checks_is_a_setting_of_that_kind() -> None:
 
     for name in rs._POSITIVE:
         assert field(name).annotation is float, name
-        assert not any(getattr(m, "le", None) or getattr(m, "lt", None) for m in field(name).metadata), name
+        bounds = [getattr(m, "le", None) for m in field(name).metadata if getattr(m, "le", None) is not None]
+        assert bounds == ([rs._AT_MOST[name]] if name in rs._AT_MOST else []), name
+        assert not any(getattr(m, "lt", None) for m in field(name).metadata), name
     for name, choices in rs._CHOICES.items():
         assert set(field(name).annotation.__args__) == choices, name
     for name in rs._FLAGS:

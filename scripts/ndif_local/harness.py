@@ -83,7 +83,11 @@ PORT_OFFSETS = {
     "ray_dashboard_metrics": 12,
     "ray_autoscaler_metrics": 13,
 }
-WORKER_PORT_OFFSETS = (20, 99)  # Ray worker processes take ports from PORT+20..PORT+99
+WORKER_PORT_OFFSETS = (20, 79)  # Ray worker processes take ports from PORT+20..PORT+79
+#: Ray's client server starts a server per client connection (the API, `ndif deploy`) on a port
+#: from PORT+80..PORT+99 (sitecustomize.py applies it): Ray's own range, 23000-23999, is shared
+#: by every stack on the machine, and two stacks starting at once could pick the same port.
+CLIENT_SERVER_PORT_OFFSETS = (80, 100)  # HIGH excluded
 
 SERVICES = ("redis", "s3", "ray", "api")  # start order; stop goes in reverse
 REPO_ID = "local/smollm2"
@@ -305,6 +309,7 @@ class Layout:
             override = os.environ.get(f"NDIF_LOCAL_{name.upper()}_PORT")
             self.ports[name] = int(override) if override else port + offset
         self.worker_ports = (port + WORKER_PORT_OFFSETS[0], port + WORKER_PORT_OFFSETS[1])
+        self.client_server_ports = (port + CLIENT_SERVER_PORT_OFFSETS[0], port + CLIENT_SERVER_PORT_OFFSETS[1])
         # Ray puts unix sockets under its temp dir (.../session_<date>_<pid>/sockets/plasma_store);
         # they must stay under 107 bytes, so a long ROOT gets a short folder in /tmp instead.
         ray_tmp = self.root / "ray"
@@ -318,6 +323,7 @@ class Layout:
         self.run.mkdir(parents=True, exist_ok=True)
         state = {"root": str(self.root), "venv": str(self.venv), "model_dir": str(self.model_dir),
                  "base_port": self.base_port, "ports": self.ports, "worker_ports": self.worker_ports,
+                 "client_server_ports": self.client_server_ports,
                  "ray_tmp": str(self.ray_tmp), **extra}
         self.state_file.write_text(json.dumps(state, indent=1))
 
@@ -334,6 +340,9 @@ class Layout:
             self.base_port = state["base_port"]
             self.ports = state["ports"]
             self.worker_ports = tuple(state["worker_ports"])
+            low, high = state.get("client_server_ports") or (self.base_port + CLIENT_SERVER_PORT_OFFSETS[0],
+                                                             self.base_port + CLIENT_SERVER_PORT_OFFSETS[1])
+            self.client_server_ports = (low, high)
             self.ray_tmp = Path(state["ray_tmp"])
             self.venv = Path(state["venv"])
             self.model_dir = Path(state["model_dir"])
@@ -433,7 +442,8 @@ def service_env(L: Layout, forwarded: dict[str, str], gpu: bool) -> dict[str, st
     env.update({
         "PATH": f"{L.venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "VIRTUAL_ENV": str(L.venv),
-        "PYTHONPATH": str(HERE),  # ndif_cpu_shim; Ray workers inherit it from the head
+        "PYTHONPATH": str(HERE),  # ndif_cpu_shim, sitecustomize; Ray workers inherit it from the head
+        "NDIF_LOCAL_CLIENT_SERVER_PORTS": "{}-{}".format(*L.client_server_ports),
         "PYTHONUNBUFFERED": "1",
         "HF_HOME": str(L.hf_home),
         "HF_HUB_OFFLINE": "1",
@@ -752,7 +762,9 @@ def finish_controller(L: Layout, proc: subprocess.Popen, timeout: float) -> None
     say("controller launched")
 
 
-def start_api(L: Layout, env: dict[str, str], timeout: float) -> None:
+def spawn_api(L: Layout, env: dict[str, str]) -> int:
+    """Start the API process without waiting for it (wait_api waits): `start` deploys the model
+    meanwhile, which talks to Ray and the controller only."""
     check_ports_free(L, ["api"])
     aenv = {**env, "NDIF_SERVICE": "api"}
     argv = [L.bin("gunicorn"), "--config", "python:ndif.services.api.gunicorn_conf",
@@ -760,9 +772,16 @@ def start_api(L: Layout, env: dict[str, str], timeout: float) -> None:
             # gunicorn 23+ opens a control socket at one fixed path in $HOME, shared by every stack
             "--no-control-socket",
             "ndif.services.api.app:app"]
-    pid = spawn(L, "api", argv, aenv)
+    return spawn(L, "api", argv, aenv)
+
+
+def wait_api(L: Layout, pid: int | None, timeout: float) -> None:
     wait_until("api /connected", lambda: http_get(L.api_url + "/connected", 3)[0] == 200, timeout, pid,
                L.logs / "api.log")
+
+
+def start_api(L: Layout, env: dict[str, str], timeout: float) -> None:
+    wait_api(L, spawn_api(L, env), timeout)
 
 
 def models_yaml(L: Layout, sandbox: bool, dtype: str) -> Path:
@@ -850,11 +869,13 @@ def cmd_start(args: argparse.Namespace) -> int:
             started_here.append("ray")  # before it is up: a failed start stops it too
             start_ray(L, env, args.timeout, gpu, args.cpus)
         ray_pid = str(L.running_pid("ray"))
+        # The controller launch, the API's start-up and the deployment overlap: the deployment
+        # needs Ray and the controller only, and the API is waited for last.
         launcher = launch_controller(L, env) if markers.get("controller") != ray_pid else None
         try:
             if not running["api"]:
                 started_here.append("api")
-                start_api(L, env, args.timeout)
+                spawn_api(L, env)
         except BaseException:
             if launcher is not None and launcher.poll() is None:
                 terminate(process_tree(launcher.pid), 2)
@@ -863,13 +884,12 @@ def cmd_start(args: argparse.Namespace) -> int:
             finish_controller(L, launcher, args.timeout)
             markers["controller"] = ray_pid
             L.save_state({"forwarded": forwarded, "gpu": gpu, "sandbox": sandbox, "dtype": dtype, "markers": markers})
-        if "api" not in started_here:  # an API that outlived a Ray restart reconnects by itself
-            wait_until("api /connected", lambda: http_get(L.api_url + "/connected", 3)[0] == 200, args.timeout,
-                       L.running_pid("api"), L.logs / "api.log")
         if markers.get("deployed") != ray_pid:
             deploy(L, env, sandbox, dtype, max(args.timeout, 300))
             markers["deployed"] = ray_pid
             L.save_state({"forwarded": forwarded, "gpu": gpu, "sandbox": sandbox, "dtype": dtype, "markers": markers})
+        # A new API, or one that outlived a Ray restart (it reconnects by itself).
+        wait_api(L, L.running_pid("api"), args.timeout)
     except Failure:
         if started_here and not args.keep_on_failure:
             say("start failed: stopping what it started (--keep-on-failure keeps it)")
