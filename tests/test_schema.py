@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -113,6 +114,20 @@ _JOBS_AT_0002 = [
 ]
 
 
+def _insert_jobs_at_0002(conn: Any) -> None:
+    """`_JOBS_AT_0002` into the `jobs` table as it was at revision 0002 (later revisions keep its columns)."""
+    from sqlalchemy import text
+
+    for job_id, key, state, lease, result_key, result_bytes in _JOBS_AT_0002:
+        conn.execute(text(
+            "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags,"
+            " created_at, updated_at, not_before, attempts, max_attempts, lease_owner, lease_expires_at,"
+            " result_key, result_bytes) VALUES (:id, :key, 'activations', 'm', 'm', 'local', '{}', :state, 0, '',"
+            " :t, :t, 0, 0, 3, :owner, :lease, :result_key, :result_bytes)"),
+            {"id": job_id, "key": key, "state": state, "t": float(job_id[-1]), "lease": lease,
+             "owner": "w" if lease else None, "result_key": result_key, "result_bytes": result_bytes})
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_a_queue_at_0002_is_upgraded_keeping_every_row_and_matches_the_tables(backend, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
     from alembic import command
@@ -127,14 +142,7 @@ def test_a_queue_at_0002_is_upgraded_keeping_every_row_and_matches_the_tables(ba
         config = alembic_config(url)
         config.attributes["connection"] = conn
         command.upgrade(config, "0002")
-        for job_id, key, state, lease, result_key, result_bytes in _JOBS_AT_0002:
-            conn.execute(text(
-                "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags,"
-                " created_at, updated_at, not_before, attempts, max_attempts, lease_owner, lease_expires_at,"
-                " result_key, result_bytes) VALUES (:id, :key, 'activations', 'm', 'm', 'local', '{}', :state, 0, '',"
-                " :t, :t, 0, 0, 3, :owner, :lease, :result_key, :result_bytes)"),
-                {"id": job_id, "key": key, "state": state, "t": float(job_id[-1]), "lease": lease,
-                 "owner": "w" if lease else None, "result_key": result_key, "result_bytes": result_bytes})
+        _insert_jobs_at_0002(conn)
         before = conn.execute(text("SELECT * FROM jobs ORDER BY id")).all()
     engine.dispose()
 
@@ -172,14 +180,7 @@ def test_a_queue_before_0005_is_upgraded_keeping_its_results_in_one_btree(backen
         config = alembic_config(url)
         config.attributes["connection"] = conn
         command.upgrade(config, str(previous))
-        for job_id, key, state, lease, result_key, result_bytes in _JOBS_AT_0002:
-            conn.execute(text(
-                "INSERT INTO jobs (id, key, experiment, model, model_key, backend, params, state, priority, tags,"
-                " created_at, updated_at, not_before, attempts, max_attempts, lease_owner, lease_expires_at,"
-                " result_key, result_bytes) VALUES (:id, :key, 'activations', 'm', 'm', 'local', '{}', :state, 0, '',"
-                " :t, :t, 0, 0, 3, :owner, :lease, :result_key, :result_bytes)"),
-                {"id": job_id, "key": key, "state": state, "t": float(job_id[-1]), "lease": lease,
-                 "owner": "w" if lease else None, "result_key": result_key, "result_bytes": result_bytes})
+        _insert_jobs_at_0002(conn)
         conn.execute(text("INSERT INTO results (result_key, bytes) VALUES (:k, 300), (:j, 7)"),
                      {"k": "3" * 64, "j": "9" * 64})
     engine.dispose()
