@@ -121,6 +121,15 @@ def show(
     """Everything about one job: state, attempts, timings, error, bundle, result location."""
     svc = service(read_only=True)
     found = svc.job(job)
+    doc, provenance_readable = _job_document(svc, found)
+    if as_json:
+        print_json(doc)
+        return
+    _print_job(found, doc, provenance_readable)
+
+
+def _job_document(svc: Any, found: Any) -> tuple[dict[str, Any], bool]:
+    """What `show --json` prints, and whether the result's provenance could be read here."""
     attempts = svc.attempts(found.id)
     bundle = svc.bundle(found.bundle_id) if found.bundle_id else None
     result_path = svc.result_location(found)
@@ -153,9 +162,10 @@ def show(
         },
         "provenance": made,
     }
-    if as_json:
-        print_json(doc)
-        return
+    return doc, readable
+
+
+def _print_job(found: Any, doc: dict[str, Any], provenance_readable: bool) -> None:
     out = output()
     out.print(f"[bold]job {found.id}[/]  {styled_state(found.state)}")
     out.print(f"  experiment  {found.experiment}")
@@ -175,16 +185,17 @@ def show(
         out.print(f"  finished    {ago(found.finished_at)}{took}")
     if found.error:
         out.print(f"  error       [red]{found.error}[/]")
+    bundle = doc["bundle"]
     if bundle is not None:
-        out.print(f"  bundle      {bundle.id} ({bundle.backend}, {bundle.job_count} jobs, {bundle.state})")
-        for entry in doc["bundle"]["status_history"]:
+        out.print(f"  bundle      {bundle['id']} ({bundle['backend']}, {bundle['jobs']} jobs, {bundle['state']})")
+        for entry in bundle["status_history"]:
             out.print(f"     {entry.get('status')}  {ago(entry.get('at'))}  {entry.get('description', '')}")
-    if result_path:
-        out.print(f"  result      {result_path} ({size_text(found.result_bytes)})")
-    if readable:
+    if doc["result_path"]:
+        out.print(f"  result      {doc['result_path']} ({size_text(found.result_bytes)})")
+    if provenance_readable:
         from ..provenance import text_lines
 
-        for line in text_lines(made):
+        for line in text_lines(doc["provenance"]):
             out.print(line, markup=False)
     if doc["time_lost_s"] is not None:
         out.print(f"  time lost   {doc['time_lost_s']:.0f}s: a result link expired before the download and the"
