@@ -1,4 +1,4 @@
-"""How a byte count reads, the same in the CLI, on a page and in a sweep's summary."""
+"""How a byte count and a duration read, the same wherever ndif-jobs writes them for a person."""
 
 from __future__ import annotations
 
@@ -13,3 +13,15 @@ def size_text(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def duration_text(seconds: float) -> str:
+    """A duration in a message: `1 h 02 min`, `3 min 20 s`, `12 s`."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"

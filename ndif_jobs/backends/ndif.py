@@ -513,6 +513,8 @@ class NdifBackend:
         self.client = NdifClient(settings)
         self.compress = True
         self.models = ModelStatus(lambda: self.client.deployments(retry=False), settings.status_cache_s)
+        #: NDIF's `GET /env` answer and until when (monotonic) it is kept (`server_env`).
+        self._env: tuple[float, dict[str, Any]] | None = None
 
     def not_ready(self, model: ModelRef) -> str | None:
         """Why NDIF would have to deploy `model` for a bundle (None: it runs it now, or NDIF_JOBS_ALLOW_COLD)."""
@@ -527,9 +529,8 @@ class NdifBackend:
     def server_env(self) -> dict[str, Any]:
         """NDIF's `GET /env` answer, or `{"error": why}` where it gave none; asked at most every
         `ENV_TTL_S` per worker (NDIF itself caches it for 5 minutes)."""
-        cached = getattr(self, "_env", None)
-        if cached is not None and time.monotonic() < cached[0]:
-            return dict(cached[1])
+        if self._env is not None and time.monotonic() < self._env[0]:
+            return dict(self._env[1])
         try:
             found = self.client.env()
             env = found if isinstance(found, dict) else {"error": f"not a JSON object: {type(found).__name__}"}

@@ -29,10 +29,6 @@ from ..states import MODEL_WAIT_PREFIX
 
 log = get_logger("ndif_jobs.ndif")
 
-#: What begins the error of a job waiting for its model (`status` finds them by it).
-WAITING_PREFIX = MODEL_WAIT_PREFIX
-
-
 @dataclass(frozen=True)
 class Readiness:
     """NDIF's view of one model: `ready` to send to, else `why` not (one line)."""
@@ -92,7 +88,7 @@ class ModelStatus:
 
 def waiting_reason(model: str, why: str) -> str:
     """What a job waiting for its model says (in `status`, `show` and the pages)."""
-    return (f"{WAITING_PREFIX}{model}: {why}; the jobs go as soon as NDIF lists it running "
+    return (f"{MODEL_WAIT_PREFIX}{model}: {why}; the jobs go as soon as NDIF lists it running "
             "(NDIF_JOBS_ALLOW_COLD=1 sends them anyway, and NDIF deploys it, which can take the slot of others)")
 
 

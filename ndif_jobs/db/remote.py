@@ -19,7 +19,18 @@ from ..errors import clip_error
 from ..logging import scrub
 from ..states import AttemptOutcome, BundleState, JobState
 from .engine import Database
-from .queue import _JOBS, _LOCAL_HELD, BUNDLE, END_LEASES_AT_NDIF, HELD_AT_REMOTE, BundleRow, Dialect, JobRow, now
+from .queue import (
+    _JOBS,
+    BUNDLE,
+    DEFER,
+    DEFER_ATTEMPTS,
+    END_LEASES_AT_NDIF,
+    HELD_AT_REMOTE,
+    BundleRow,
+    Dialect,
+    JobRow,
+    now,
+)
 from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
 
 if TYPE_CHECKING:
@@ -71,17 +82,8 @@ RESEND_JOBS = (
     f" lease_expires_at = NULL, attempts = {{max}}(attempts - 1, 0) WHERE id {{ids}} AND lease_owner = ?"
     f" AND {_SUBMITTED}"
 )
-CLOSE_OPEN_ATTEMPTS = (
-    f"UPDATE attempts SET finished_at = ?, outcome = '{AttemptOutcome.DEFERRED}', error = ?"
-    " WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
-)
-# Claimed jobs whose model NDIF does not run yet: back to the queue, the claim undone (its attempt
-# row goes: nothing was tried), the reason on the job.
-HOLD_JOBS = (
-    f"UPDATE jobs SET state = '{JobState.QUEUED}', not_before = ?, error = ?, updated_at = ?, lease_owner = NULL,"
-    f" lease_expires_at = NULL, attempts = {{max}}(attempts - 1, 0) WHERE id {{ids}} AND lease_owner = ?"
-    f" AND {_LOCAL_HELD}"
-)
+# The open attempt of a claim undone because NDIF does not run the model yet (the jobs go back
+# through the queue's DEFER): nothing was tried, so no attempt is recorded.
 DROP_OPEN_ATTEMPTS = "DELETE FROM attempts WHERE job_id {ids} AND worker = ? AND finished_at IS NULL"
 # Every queued job of a model NDIF refused (the same answer awaits each of them).
 FAIL_QUEUED_OF_MODEL = (
@@ -171,7 +173,7 @@ class RemoteBundles:
                 in_sql, ids = sql.in_(chunk)
                 cur.execute(sql(RESEND_JOBS, max=sql.max, ids=in_sql), [t, reason, t, *ids, worker])
                 resent += max(cur.rowcount, 0)
-                cur.execute(sql(CLOSE_OPEN_ATTEMPTS, ids=in_sql), [t, reason, *ids, worker])
+                cur.execute(sql(DEFER_ATTEMPTS, ids=in_sql), [t, reason, *ids, worker])
         return resent
 
     @retried
@@ -185,7 +187,7 @@ class RemoteBundles:
         with self.db.cursor(write=True) as cur:
             for chunk in sql.chunks(list(job_ids)):
                 in_sql, ids = sql.in_(chunk)
-                cur.execute(sql(HOLD_JOBS, max=sql.max, ids=in_sql), [t + delay_s, reason, t, *ids, worker])
+                cur.execute(sql(DEFER, max=sql.max, ids=in_sql), [t + delay_s, reason, t, *ids, worker])
                 held += max(cur.rowcount, 0)
                 cur.execute(sql(DROP_OPEN_ATTEMPTS, ids=in_sql), [*ids, worker])
         return held

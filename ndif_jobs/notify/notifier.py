@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import clip_error
 from ..logging import get_logger, scrub
+from ..units import duration_text
 from .secrets import register_url_secrets, shown
 
 log = get_logger("ndif_jobs.notify")
@@ -49,18 +50,6 @@ class _Failures:
     jobs: list[tuple[str, str]] = field(default_factory=list)
     first_error: str = ""
     last_sent: float = float("-inf")
-
-
-def duration(seconds: float) -> str:
-    """`1 h 02 min`, `3 min 20 s`, `12 s`."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -152,7 +141,7 @@ class Notifier:
     def drained(self, scope: str, counts: dict[str, int], seconds: float) -> None:
         """A queue, sweep or tag has no job left to run (`scope`: "the queue", "sweep NAME", "tag NAME")."""
         self._put(Message(f"ndif-jobs: {scope} drained",
-                          f"{scope} drained in {duration(seconds)}: {_counts_text(counts)}.", "drained"))
+                          f"{scope} drained in {duration_text(seconds)}: {_counts_text(counts)}.", "drained"))
 
     def failed(self, job_id: str, experiment: str, error: str) -> None:
         """A job failed for good: told with the others of its batch period."""
@@ -165,13 +154,13 @@ class Notifier:
     def stalled(self, queued: int, idle_s: float) -> None:
         """Jobs wait, and none has finished for `idle_s`."""
         self._put(Message("ndif-jobs: the queue is stalled",
-                          f"{queued} job(s) queued, and none has finished for {duration(idle_s)}: is a worker running"
-                          " that can take them? (ndif-jobs workers, ndif-jobs status)", "stall"))
+                          f"{queued} job(s) queued, and none has finished for {duration_text(idle_s)}: is a worker"
+                          " running that can take them? (ndif-jobs workers, ndif-jobs status)", "stall"))
 
     def unreachable(self, backend: str, seconds: float, error: str) -> None:
         """A backend (NDIF) has been unreachable for `seconds`."""
         self._put(Message(f"ndif-jobs: {backend} unreachable",
-                          f"{backend} has been unreachable for {duration(seconds)}; its jobs wait in the queue, no"
+                          f"{backend} has been unreachable for {duration_text(seconds)}; its jobs wait in the queue, no"
                           f" attempt spent. Last error: {clip_error(scrub(error))}", "unreachable"))
 
     def worker_stopped(self, worker: str, error: str) -> None:

@@ -30,6 +30,7 @@ from ..backends.ndif_status import waiting_reason
 from ..db.remote import RemoteBundles
 from ..logging import get_logger, scrub
 from ..model_refs import resolve_model
+from ..units import duration_text
 
 if TYPE_CHECKING:
     from ..backends.base import OnStatus
@@ -115,7 +116,7 @@ class RemoteExecution:
         t = time.time()
         life_min = round(error.life_s / 60)
         if error.made_at is not None:
-            lost = f"{_duration(t - error.made_at)} lost since {backend.title} finished it"
+            lost = f"{duration_text(t - error.made_at)} lost since {backend.title} finished it"
         else:
             lost = f"at least {life_min} min lost"
         reason = f"result link expired after {life_min} min: sent again ({lost}, no attempt spent)"
@@ -200,12 +201,3 @@ class RemoteExecution:
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
             worker.run_bundle(backend.name, jobs[0].model, part)
-
-
-def _duration(seconds: float) -> str:
-    """`45 s`, `12 min`, `3 h 5 min`."""
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60} min"
