@@ -192,7 +192,7 @@ def for_bundle(backend: Any, handle: Any, bundle: Any, model: str, model_key: st
             facts["host"] = public_host(str(facts["host"]))
         out["ndif"] = {"job_id": str(remote_id), **facts,
                        "server": server_versions(env if isinstance(env, Mapping) else {"error": "not asked"})}
-        history = _history(getattr(bundle, "status_history", None))
+        history = parse_history(getattr(bundle, "status_history", None))
         sent = getattr(bundle, "submitted_at", None)
         at_ndif = remote_times(history, sent)
         times["sent_at"] = sent
@@ -225,7 +225,8 @@ def for_job(common: Mapping[str, Any], created_at: float | None) -> dict[str, An
     return {**common, "times": times}
 
 
-def _history(raw: Any) -> list[dict[str, Any]]:
+def parse_history(raw: Any) -> list[dict[str, Any]]:
+    """A bundle's `status_history` column as a list (empty where it is missing or unreadable)."""
     import json
 
     if isinstance(raw, list):

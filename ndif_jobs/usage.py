@@ -12,7 +12,6 @@ the total counts it once. Reads the database only (no torch).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,7 @@ from typing import Any
 
 from .domain import parse_tags
 from .errors import BadInput
-from .provenance import remote_times
+from .provenance import parse_history, remote_times
 
 #: What `--by` groups by, and the job column each reads.
 GROUPINGS = ("tag", "sweep", "model")
@@ -182,11 +181,7 @@ def build_requests(bundles: Sequence[Sequence[Any]], members: Sequence[Sequence[
         carried.setdefault(bundle_id, []).append(Member(job_id, model, parse_tags(tags or ""), sweep))
     out = []
     for bundle_id, submitted_at, payload_bytes, result_bytes, history in bundles:
-        try:
-            entries = json.loads(history or "[]")
-        except ValueError:
-            entries = []
-        times = remote_times(entries if isinstance(entries, list) else [], submitted_at)
+        times = remote_times(parse_history(history), submitted_at)
         out.append(Request(
             bundle_id=bundle_id, submitted_at=submitted_at, bytes_up=int(payload_bytes or 0),
             bytes_down=int(result_bytes or 0), queued_s=times.queued_s if times else 0.0,
