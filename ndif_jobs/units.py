@@ -15,6 +15,14 @@ def size_text(n: int | None) -> str:
     return f"{n} B"
 
 
+def short_duration(seconds: float) -> str:
+    """A duration in a table cell or a progress line: `1.5d`, `2.0h`, `3.5m`, `42s`, `1.2s`."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+
+
 def duration_text(seconds: float) -> str:
     """A duration in a message: `1 h 02 min`, `3 min 20 s`, `12 s`."""
     seconds = max(0, int(round(seconds)))

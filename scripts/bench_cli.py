@@ -179,6 +179,10 @@ def main() -> None:
         }
         trees = [("", REPO)] + ([(f" [{args.also.name}]", args.also.resolve())] if args.also else [])
         for suffix, tree in trees:
+            # Byte-compiled as an installed package is (the warm-up run below cannot write .pyc
+            # files where PYTHONDONTWRITEBYTECODE is set, and each run would compile them again).
+            subprocess.run([py, "-m", "compileall", "-q", str(tree / "ndif_jobs")], check=True,
+                           stdout=subprocess.DEVNULL)
             tenv = env
             if tree != REPO:  # the other checkout gets its own copy of the queue (it may migrate it)
                 other_home = tmp / "home-also"
@@ -187,7 +191,7 @@ def main() -> None:
             for name, extra in (("status", ["status"]), ("list --state failed", ["list", "--state", "failed"]),
                                 ("show JOB", ["show", show_id])):
                 commands[f"ndif-jobs {name}{suffix}"] = ([py, "-m", "ndif_jobs", *extra], tenv)
-        for cmd, cenv in commands.values():  # warm the page cache and .pyc files
+        for cmd, cenv in commands.values():  # warm the page cache
             run_once(cmd, cenv, tmp)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
         names = list(commands)

@@ -30,6 +30,11 @@ The operations:
             the start signal until the last worker finds the queue empty). persist-queue's ack
             queue takes no lock between its SELECT and UPDATE: jobs it hands out twice are counted.
 
+The systems: ndif-jobs on SQLite and PostgreSQL; huey's SqliteStorage; persist-queue; "sqlite3",
+a one-table queue in plain statements (the floor of any SQLite queue); and "sqlite3 dedup", that
+table with a cache key indexed and checked at every enqueue and a claim-order index (the floor of
+any queue that deduplicates, as ndif-jobs does: see docs/performance.md).
+
 Durability is matched: every SQLite system runs in WAL mode with synchronous=NORMAL (huey and
 persist-queue leave SQLite's default, FULL, which syncs on every commit; they are given NORMAL
 here so that the comparison is of the queues, not of fsync).
@@ -86,16 +91,21 @@ class RawSqlite(System):
     """The floor: a one-table queue, plain sqlite3 statements, WAL, synchronous=NORMAL."""
 
     name = "sqlite3"
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, data BLOB NOT NULL, state INTEGER NOT NULL"
+        " DEFAULT 0, owner TEXT, lease REAL);"
+        "CREATE INDEX IF NOT EXISTS q_state ON q (state, id);"
+    )
+    CLAIM = (
+        "UPDATE q SET state = 1, owner = ?, lease = ? WHERE id IN"
+        " (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT ?) RETURNING id, data"
+    )
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
         self.path = folder / "raw.db"
         self.conn = self.connect(self.path)
-        self.conn.executescript(
-            "CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, data BLOB NOT NULL, state INTEGER NOT NULL"
-            " DEFAULT 0, owner TEXT, lease REAL);"
-            "CREATE INDEX IF NOT EXISTS q_state ON q (state, id);"
-        )
+        self.conn.executescript(self.SCHEMA)
 
     @staticmethod
     def connect(path: Path) -> sqlite3.Connection:
@@ -120,17 +130,13 @@ class RawSqlite(System):
     def fill(self, n: int) -> None:
         self.batch(self.prepare(n))
 
-    @staticmethod
-    def drain(path: Path, worker: str, bs: int, until: float = float("inf")) -> list[int]:
-        conn = RawSqlite.connect(path)
+    @classmethod
+    def drain(cls, path: Path, worker: str, bs: int, until: float = float("inf")) -> list[int]:
+        conn = cls.connect(path)
         done: list[int] = []
         while time.perf_counter() < until:
             conn.execute("BEGIN IMMEDIATE")
-            rows = conn.execute(
-                "UPDATE q SET state = 1, owner = ?, lease = ? WHERE id IN"
-                " (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT ?) RETURNING id, data",
-                (worker, time.time() + 300, bs),
-            ).fetchall()
+            rows = conn.execute(cls.CLAIM, (worker, time.time() + 300, bs)).fetchall()
             conn.execute("COMMIT")
             if not rows:
                 break
@@ -145,10 +151,42 @@ class RawSqlite(System):
         return self.drain(self.path, worker, bs, until)
 
     def spec(self) -> tuple[str, str]:
-        return ("sqlite3", str(self.path))
+        return (self.name, str(self.path))
 
     def close(self) -> None:
         self.conn.close()
+
+
+class DedupSqlite(RawSqlite):
+    """The floor for any queue that deduplicates: `RawSqlite` plus what ndif-jobs cannot drop.
+    Each job carries its 64-hex cache key, indexed, and an enqueue inserts only when no job has
+    that key (one `INSERT ... WHERE NOT EXISTS`, no BEGIN/COMMIT round trips); queued jobs are
+    claimed by priority, then age, through a partial index. No lease index, no attempt history,
+    no id of its own: less than ndif-jobs keeps, so its rates bound what any schema could reach."""
+
+    name = "sqlite3 dedup"
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, key TEXT NOT NULL, data BLOB NOT NULL,"
+        " priority INTEGER NOT NULL DEFAULT 0, state INTEGER NOT NULL DEFAULT 0, owner TEXT, lease REAL);"
+        "CREATE INDEX IF NOT EXISTS q_key ON q (key);"
+        "CREATE INDEX IF NOT EXISTS q_claim ON q (priority DESC, id) WHERE state = 0;"
+    )
+    CLAIM = (
+        "UPDATE q SET state = 1, owner = ?, lease = ? WHERE id IN"
+        " (SELECT id FROM q WHERE state = 0 ORDER BY priority DESC, id LIMIT ?) RETURNING id, data"
+    )
+    INSERT = "INSERT INTO q (key, data) SELECT ?, ? WHERE NOT EXISTS (SELECT 1 FROM q WHERE key = ?)"
+
+    def prepare(self, n: int) -> list[Any]:
+        return [(f["key"], pickle.dumps(f), f["key"]) for f in map(job_fields, range(n))]
+
+    def batch(self, payloads: list[Any]) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany(self.INSERT, payloads)
+        self.conn.execute("COMMIT")
+
+    def single(self, payload: Any) -> None:
+        self.conn.execute(self.INSERT, payload)  # one statement: its own transaction
 
 
 class NdifJobs(System):
@@ -380,6 +418,8 @@ def _worker_main(spec: tuple[str, str], worker: str, bs: int, barrier: Any, out:
         barrier.wait()
         if kind == "sqlite3":
             done = RawSqlite.drain(Path(where), worker, bs)
+        elif kind == DedupSqlite.name:
+            done = DedupSqlite.drain(Path(where), worker, bs)
         elif kind == "huey":
             done = Huey.drain(where, worker, bs)
         else:
@@ -413,6 +453,8 @@ def make(system: str, folder: Path, pg: str) -> System:
     folder.mkdir(parents=True, exist_ok=True)
     if system == "sqlite3":
         return RawSqlite(folder)
+    if system == DedupSqlite.name:
+        return DedupSqlite(folder)
     if system == "ndif-jobs":
         return NdifJobs(folder)
     if system == "ndif-jobs PG":
@@ -489,7 +531,7 @@ def submit_many(folder: Path, n: int) -> tuple[int, float]:
 
 
 OPS = ["batch", "submit", "single", "claim 64", "claim 1", "claim 64 x4"]
-SYSTEMS = ["sqlite3", "ndif-jobs", "ndif-jobs PG", "huey", "persist-queue"]
+SYSTEMS = ["sqlite3", "sqlite3 dedup", "ndif-jobs", "ndif-jobs PG", "huey", "persist-queue"]
 GOALS = {"batch": 50_000, "single": 5_000, "claim 64": 5_000}
 
 
@@ -590,6 +632,11 @@ def print_cpu_table(results: dict, ops: list[str], systems: list[str]) -> None:
         lines.append("| " + " | ".join(row) + " |")
     print("\nThe same trials per CPU-second of this process (less disturbed by neighbours than wall time):")
     print("\n".join(lines))
+    for op in rows:
+        floor, huey = results.get((op, DedupSqlite.name)), results.get((op, "huey"))
+        ratio = paired_ratio(floor, huey, "cpu_rate") if floor and huey else None
+        if ratio is not None:
+            print(f"- {op}: {DedupSqlite.name} runs {ratio:.2f}x huey per CPU-second")
 
 
 def print_table(results: dict, ops: list[str], systems: list[str], args: argparse.Namespace, took: float) -> None:
@@ -627,6 +674,10 @@ def print_table(results: dict, ops: list[str], systems: list[str], args: argpars
             ratio = paired_ratio(nd, results[("batch", "ndif-jobs")])
             notes.append(f"{label['submit']}: {ratio:.2f}x the rate of ndif-jobs' own batched Queue.enqueue "
                          "(the difference is validation, model resolution and cache keys)")
+        floor, huey = results.get((op, DedupSqlite.name)), results.get((op, "huey"))
+        if floor and huey:
+            notes.append(f"{label.get(op, op)}: {DedupSqlite.name} (the floor of a deduplicating queue) "
+                         f"runs {paired_ratio(floor, huey):.2f}x huey")
         goal = GOALS.get(op)
         if goal and nd:
             m = median_rate(nd)

@@ -1,10 +1,10 @@
 """What every set of queue operations stands on: one database, its SQL dialect, a retry window.
 
-`Queue`, `Sweeps`, `Workers` and the web pages' `Reads` each run their own statements on the
-queue's database. Each is an `OnDatabase`: its driver connections (`db`), what it was opened on
-(`engine`: a `Database` from `open_database`, or a SQLAlchemy Engine), its statements put into
-the database's dialect (`_sql`), and how long each operation rides out an unreachable database
-(`db_retry_s`, which `retry.retried` reads off the object along with `engine`).
+`Queue`, `RemoteBundles`, `Sweeps`, `Workers` and the web pages' `Reads` each run their own
+statements on the queue's database. Each is an `OnDatabase`: its driver connections (`db`), what
+it was opened on (`engine`: a `Database` from `open_database`, or a SQLAlchemy Engine), its
+statements put into the database's dialect (`_sql`), and how long each operation rides out an
+unreachable database (`db_retry_s`, which `retry.retried` reads off the object along with `engine`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,8 +268,9 @@ class Database:
                 return
         conn.close()
 
-    @contextmanager
-    def cursor(self, write: bool = False, *, one_statement: bool = False, durable: bool = False) -> Iterator[Any]:
+    def cursor(
+        self, write: bool = False, *, one_statement: bool = False, durable: bool = False
+    ) -> AbstractContextManager[Any]:
         """A driver cursor. `write=True`: inside one transaction that holds the write lock from
         its first statement (SQLite: `BEGIN IMMEDIATE`), committed on leaving, rolled back on an
         exception. `write=False`: one snapshot per statement.
@@ -285,29 +286,38 @@ class Database:
         whose loss would cost more than a re-run: NDIF's job id, without which a request would
         be sent again. PostgreSQL's commits are durable anyway."""
         if self.sqlite_file is not None:
-            conn = self._sqlite_connect()
-            begin = write and not one_statement
+            return self._sqlite_file_cursor(begin=write and not one_statement, durable=durable)
+        return self._engine_cursor(write)
+
+    @contextmanager
+    def _sqlite_file_cursor(self, begin: bool, durable: bool) -> Iterator[sqlite3.Cursor]:
+        """A cursor on one of this file's own connections (`cursor` on a SQLite file)."""
+        conn = self._sqlite_connect()
+        try:
+            cursor = conn.cursor()
+            if durable:
+                cursor.execute("PRAGMA synchronous = FULL")
+            if begin:
+                cursor.execute("BEGIN IMMEDIATE")
             try:
-                cursor = conn.cursor()
-                if durable:
-                    cursor.execute("PRAGMA synchronous = FULL")
+                yield cursor
                 if begin:
-                    cursor.execute("BEGIN IMMEDIATE")
-                try:
-                    yield cursor
-                    if begin:
-                        cursor.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                finally:
-                    if durable and not conn.in_transaction:
-                        cursor.execute("PRAGMA synchronous = NORMAL")
-                    cursor.close()
+                    cursor.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
             finally:
-                self._sqlite_release(conn)
-            return
+                if durable and not conn.in_transaction:
+                    cursor.execute("PRAGMA synchronous = NORMAL")
+                cursor.close()
+        finally:
+            self._sqlite_release(conn)
+
+    @contextmanager
+    def _engine_cursor(self, write: bool) -> Iterator[Any]:
+        """A driver cursor on a connection of the Engine's pool (`cursor` on PostgreSQL, and on
+        a SQLite database that is not a plain file)."""
         raw = self.engine.raw_connection()
         try:
             dbapi = raw.driver_connection

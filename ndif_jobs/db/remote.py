@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import clip_error
 from ..logging import scrub
 from ..states import AttemptOutcome, BundleState, JobState
-from .engine import Database
+from .base import OnDatabase
 from .queue import (
     _JOBS,
     BUNDLE,
@@ -27,14 +27,10 @@ from .queue import (
     END_LEASES_AT_NDIF,
     HELD_AT_REMOTE,
     BundleRow,
-    Dialect,
     JobRow,
     now,
 )
-from .retry import DEFAULT_RETRY_S, call_stamped_with_retry, retried
-
-if TYPE_CHECKING:
-    from sqlalchemy import Engine
+from .retry import call_stamped_with_retry, retried
 
 _SUBMITTED = HELD_AT_REMOTE
 HISTORY = "SELECT status_history FROM bundles WHERE id = ?"
@@ -97,14 +93,8 @@ MODEL_WAITS = (
 )
 
 
-class RemoteBundles:
-    def __init__(self, engine: Database | Engine, db_retry_s: float = DEFAULT_RETRY_S) -> None:
-        #: What the bundles are kept in: the queue's `Database`, or an Engine.
-        self.engine = engine
-        #: How long each operation retries while the database is unreachable (0: not at all).
-        self.db_retry_s = db_retry_s
-        self.db = engine if isinstance(engine, Database) else Database.wrap(engine)
-        self._sql = Dialect(self.db.dialect_name)
+class RemoteBundles(OnDatabase):
+    """The queue's operations on bundles at a remote backend, on the queue's own database."""
 
     @retried
     def mark_submitted(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ..errors import BadInput
-from ..units import size_text
+from ..units import short_duration, size_text
 
 if TYPE_CHECKING:
     from ..db.sweeps import Progress
@@ -159,7 +159,7 @@ def progress_line(item: dict[str, Any]) -> str:
     elif eta is None:
         eta_text = "ETA -"
     else:
-        eta_text = f"ETA {_duration(eta)}"
+        eta_text = f"ETA {short_duration(eta)}"
     stamp = ""
     if item["last_finished"]:
         stamp = f"  last finished {time.strftime('%H:%M', time.localtime(item['last_finished']))}"
@@ -169,8 +169,3 @@ def progress_line(item: dict[str, Any]) -> str:
 
 
 
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ..units import size_text
+from ..units import short_duration, size_text
 
 _URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+", re.IGNORECASE)
 _NDIF_JOB = re.compile(r"\bNDIF job [0-9A-Za-z_-]{6,}")
@@ -41,11 +41,7 @@ def ago(t: float | None) -> str:
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = float(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    return short_duration(float(seconds))
 
 
 def when(t: float | None) -> str:
