@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .model_refs import ModelRef
     from .settings import Settings
     from .store import StoreBackend
+    from .store.safetensors_io import Arrays
 
 
 @dataclass
@@ -320,12 +321,14 @@ class Service:
         """Queue the jobs named again (finished, failed or cancelled): each id with its state."""
         return self.queue.retry([self.queue.get(ref).id for ref in refs])
 
-    def load_result(self, ref: str, verify: bool = False) -> Result:
+    def load_result(self, ref: str, verify: bool = False, arrays: Arrays = "torch") -> Result:
+        """The job's stored result, its tensors as torch tensors or (`arrays="numpy"`, for a
+        reader that only prints them, without importing torch) numpy arrays."""
         job = self.job(ref)
         if job.result_key is None:
             why = f" ({job.error})" if job.error else ""
             raise ResultMissing(f"job {job.id} has no result: it is {job.state}{why}")
-        stored = self.store.get(job.result_key, verify=verify)
+        stored = self.store.get(job.result_key, verify=verify, arrays=arrays)
         return Result(job=job.to_dict(), stored=stored)
 
     def lookup(self, sub: Submission) -> tuple[Prepared, Any | None]:

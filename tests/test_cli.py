@@ -168,3 +168,33 @@ def test_models_json_stays_one_json_document_while_ndif_is_retried(env) -> None:
     doc = json.loads(proc.stdout)
     assert doc["ndif"] == [] and "cannot reach NDIF" in doc["ndif_error"]
     assert "retrying NDIF" in proc.stderr
+
+
+def test_results_as_json_and_a_json_export_start_without_torch(env, service, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Printing a result's values needs no torch (seconds of a command's start): `results --json`
+    and `export -f json` read the result as numpy arrays and print what its tensors hold."""
+    import torch
+
+    from ndif_jobs.db.queue import NewJob
+    from ndif_jobs.store.codec import to_jsonable
+
+    key = "cd" * 32
+    (job,) = service.queue.enqueue([NewJob(key=key, experiment="activations", model="smollm2-135m",
+                                           model_key="test-model", backend="local", params={})])
+    (row,) = service.queue.claim("w", 1, 60.0)
+    service.store.put(key, {"acts": torch.randn(2, 3).to(torch.bfloat16), "norm": torch.tensor(float("nan")),
+                            "ids": torch.arange(4), "tokens": [" Paris"]})
+    service.queue.complete("w", [(row.id, key, 1)])
+    traced = {**env, "PYTHONPROFILEIMPORTTIME": "1"}  # each import on stderr, as -X importtime
+
+    shown = run_cli("results", job.id, "--json", env=traced, check=True)
+    exported = run_cli("export", job.id, "-f", "json", "-o", str(tmp_path / "r.json"), env=traced, check=True)
+
+    for proc in (shown, exported):
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "numpy" in imported and "torch" not in imported
+    expected = to_jsonable(service.load_result(job.id).to_dict())  # torch tensors, through the Python API
+    assert expected["norm"] is None and len(expected["acts"]) == 2
+    assert json.loads(shown.stdout)["values"] == expected
+    assert json.loads((tmp_path / "r.json").read_text())["values"] == expected

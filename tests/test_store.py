@@ -152,6 +152,30 @@ def test_round_trip_property(tmp_path_factory, result) -> None:  # type: ignore[
     assert same(result, got)
 
 
+def test_values_read_as_numpy_arrays_give_the_same_json_as_torch_tensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`results --json` reads a result as numpy arrays (it starts without torch): every dtype,
+    bfloat16 and float8 (numpy has neither) and the non-finite floats included, prints the same."""
+    from ndif_jobs.store.codec import to_jsonable
+
+    store = ResultStore(tmp_path)
+    store.put(KEY, {
+        **sample(),
+        "f16": torch.tensor([1.5, -2.25, 65504.0], dtype=torch.float16),
+        "nonfinite": torch.tensor([1.0, float("nan"), float("inf"), float("-inf")]),
+        "bf16_nan": torch.tensor([[float("nan"), 0.1], [3.0e38, -1e-38]], dtype=torch.bfloat16),
+        "f8": torch.tensor([0.5, -1.0, 448.0]).to(torch.float8_e4m3fn),
+        "u8": torch.arange(3, dtype=torch.uint8),
+        "i16": torch.tensor([-3, 7], dtype=torch.int16),
+        "f64": torch.tensor([1 / 3], dtype=torch.float64),
+    })
+    as_numpy = store.get(KEY, arrays="numpy")
+    assert {type(t).__module__ for t in as_numpy.tensors.values()} == {"numpy"}
+    printed = json.dumps(to_jsonable(as_numpy.values), allow_nan=False)
+    assert printed == json.dumps(to_jsonable(store.get(KEY).values), allow_nan=False)
+    assert json.loads(printed)["nonfinite"] == [1.0, None, None, None]
+    assert json.loads(printed)["f8"] == [0.5, -1.0, 448.0]
+
+
 # -- writing from the tensors' memory ------------------------------------------------------
 
 
@@ -285,9 +309,9 @@ def test_get_maps_the_very_file_it_checked(tmp_path, monkeypatch) -> None:  # ty
     path = store.path_for(KEY) / TENSOR_FILE
     real = store_module.map_safetensors
 
-    def swap_then_map(f, p):  # type: ignore[no-untyped-def]
+    def swap_then_map(f, p, *arrays):  # type: ignore[no-untyped-def]
         os.replace(other.path_for(KEY) / TENSOR_FILE, path)
-        return real(f, p)
+        return real(f, p, *arrays)
 
     monkeypatch.setattr(store_module, "map_safetensors", swap_then_map)
     assert torch.equal(store.get(KEY).values["x"], torch.zeros(64))

@@ -214,7 +214,8 @@ def results(
     from ..provenance import of_manifest, text_lines
 
     svc = service()
-    result = svc.load_result(job, verify=verify)
+    # Printed as JSON, the values are read as numpy arrays: the command starts without torch.
+    result = svc.load_result(job, verify=verify, arrays="numpy" if as_json else "torch")
     if as_json:
         from ..store.codec import to_jsonable
 

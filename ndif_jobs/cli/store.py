@@ -33,7 +33,8 @@ def export(
     if fmt not in EXPORT_FORMATS:
         raise BadInput(f"unknown export format {fmt!r} (choose from: {', '.join(EXPORT_FORMATS)})")
     svc = service()
-    result = svc.load_result(job, verify=True)
+    # JSON needs only the values: read as numpy arrays, without importing torch.
+    result = svc.load_result(job, verify=True, arrays="numpy" if fmt == "json" else "torch")
     path = export_result(result, fmt, out)
     from ..store.codec import is_sealed
 

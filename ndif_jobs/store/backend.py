@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import NdifJobsError
 
 if TYPE_CHECKING:
+    from .safetensors_io import Arrays
     from .store import StoredInfo, StoredResult
 
 
@@ -51,8 +52,9 @@ class StoreBackend(ABC):
         """The manifest after checking every data file (`full`: re-hash it, whatever it costs)."""
 
     @abstractmethod
-    def get(self, key: str, verify: bool = False) -> StoredResult:
-        """The result with memory-mapped tensors. Raises `ResultMissing` / `ResultCorrupt`."""
+    def get(self, key: str, verify: bool = False, arrays: Arrays = "torch") -> StoredResult:
+        """The result with memory-mapped tensors (`arrays`: torch tensors or numpy arrays).
+        Raises `ResultMissing` / `ResultCorrupt`."""
 
     @abstractmethod
     def iter_stored(self) -> Iterator[StoredInfo]:

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from ..errors import ResultCorrupt
 from .codec import encode_manifest, new_manifest
-from .safetensors_io import _header, _Staging, _tensor_pieces, _write_all
+from .safetensors_io import Arrays, _header, _Staging, _tensor_pieces, _write_all
 from .store import (
     MANIFEST_FILE,
     TENSOR_FILE,
@@ -99,8 +99,8 @@ class ResultCache(ResultStore):
             return {}
         return data if isinstance(data, dict) else {}
 
-    def get(self, key: str, verify: bool = False) -> StoredResult:
-        stored = super().get(key, verify=verify)
+    def get(self, key: str, verify: bool = False, arrays: Arrays = "torch") -> StoredResult:
+        stored = super().get(key, verify=verify, arrays=arrays)
         try:
             os.utime(stored.path / VERIFIED_FILE)
         except OSError:

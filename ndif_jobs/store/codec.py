@@ -31,6 +31,18 @@ def is_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape")
 
 
+def is_numpy_array(value: Any) -> bool:
+    """A numpy array (a result read with `arrays="numpy"`), recognised without importing numpy."""
+    return type(value).__module__ == "numpy" and hasattr(value, "tolist") and hasattr(value, "shape")
+
+
+def widened(tensor: Any) -> Any:
+    """A torch tensor as numpy and JSON can take it: bfloat16 and float8, which numpy has no type
+    for, widened to float32 (exactly: float32 holds every one of their values)."""
+    dtype = str(tensor.dtype)
+    return tensor.float() if "bfloat16" in dtype or "float8" in dtype else tensor
+
+
 # -- the values ----------------------------------------------------------------------------------
 
 
@@ -87,11 +99,14 @@ def to_jsonable(value: Any) -> Any:
     writes for them too. The other export formats (npz, safetensors, pt) keep them exactly.
     """
     if is_tensor(value):
-        t = value.float() if "bfloat16" in str(value.dtype) else value
+        t = widened(value)
         items = t.tolist()
         if t.is_floating_point() and not bool(t.isfinite().all()):
             return _finite_or_null(items)
         return items
+    if is_numpy_array(value):
+        items = value.tolist()
+        return _finite_or_null(items) if value.dtype.kind == "f" else items
     if isinstance(value, Mapping):
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

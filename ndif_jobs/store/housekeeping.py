@@ -27,7 +27,7 @@ from ..db.queue import now
 from ..errors import BadInput, ResultCorrupt, ResultMissing, StoreError
 from ..service import Service
 from ..states import ACTIVE_STATES
-from .codec import flatten, is_sealed, to_jsonable
+from .codec import flatten, is_sealed, to_jsonable, widened
 from .safetensors_io import write_safetensors_fd
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
@@ -274,7 +274,7 @@ def _export_npz(result: Any, f: IO[bytes]) -> None:
     import numpy as np
 
     structure, tensors = flatten(result.to_dict())
-    arrays = {name: (t.float() if "bfloat16" in str(t.dtype) else t).numpy() for name, t in tensors.items()}
+    arrays = {name: widened(t).numpy() for name, t in tensors.items()}
     arrays["__ndif_jobs__"] = np.array(json.dumps({**_meta(result), "values": structure}))
     np.savez(f, **arrays)
 

@@ -32,7 +32,7 @@ from .backend import StoreBackend
 from .cache import Draft, ResultCache
 from .codec import decode_manifest, flatten
 from .s3 import CommitRaced, S3Bucket
-from .safetensors_io import SafetensorsStream
+from .safetensors_io import Arrays, SafetensorsStream
 from .store import MANIFEST_FILE, TENSOR_FILE, StoredInfo, StoredResult, is_key
 
 WRITE_META = "ndif-jobs-write"
@@ -143,13 +143,13 @@ class ObjectResultStore(StoreBackend):
                 shutil.rmtree(path, ignore_errors=True)
         return {key: exc for key, exc in found.items() if isinstance(exc, NdifJobsError)}
 
-    def get(self, key: str, verify: bool = False) -> StoredResult:
+    def get(self, key: str, verify: bool = False, arrays: Arrays = "torch") -> StoredResult:
         """From the cache; fetched into it first if it is not there (online)."""
         if not self.cache.exists(key):
             if self.offline:
                 raise self._offline_miss(key)
             self.fetch(key)
-        return self.cache.get(key, verify=verify)
+        return self.cache.get(key, verify=verify, arrays=arrays)
 
     def fetch(self, key: str) -> int:
         """Download a result into the cache and check it (nothing is left there if that fails);

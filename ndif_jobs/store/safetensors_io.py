@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 from ..errors import ResultCorrupt, StoreError
 
@@ -35,6 +35,11 @@ _ST_DTYPES = {
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+# Bytes per element of each safetensors dtype.
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
 
 # A contiguous CPU tensor is written from its own memory in pieces of _CHUNK bytes. Any other
 # tensor (strided, expanded, or on an accelerator) is copied a few rows at a time into one of
@@ -281,10 +286,65 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return map_safetensors(f, path)
 
 
-def map_safetensors(f: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
+#: What a stored result's tensors are read as: torch tensors (what `load_result` gives), or
+#: numpy arrays for readers that only print values (`results --json`), which then start without
+#: importing torch (seconds of a command's start). bfloat16 has no numpy type: it is widened to
+#: float32, exactly, as the JSON output widens it anyway.
+Arrays = Literal["torch", "numpy"]
+
+# safetensors dtype names to numpy's, for `Arrays` "numpy" (BF16 is widened; the float8 kinds
+# have no numpy type and are read through torch).
+_NUMPY_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+
+
+def map_safetensors(f: BinaryIO, path: Path, arrays: Arrays = "torch") -> dict[str, Any]:
     """`read_safetensors` of a file already open: the store maps the very file it checked."""
+    if arrays == "numpy":
+        entries, mapped, data_start = _read_header(f, path)
+        return {name: _numpy_array(mapped, data_start, dtype, start, end, shape)
+                for name, (dtype, start, end, shape) in entries.items()}
     import torch
 
+    entries, mapped, data_start = _read_header(f, path)
+    out = {}
+    for name, (st_dtype, start, end, shape) in entries.items():
+        dtype = getattr(torch, _TORCH_DTYPES[st_dtype])
+        if start == end:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=data_start + start)
+        out[name] = flat.view(dtype).reshape(shape)
+    return out
+
+
+def _numpy_array(mapped: Any, data_start: int, st_dtype: str, start: int, end: int, shape: list[int]) -> Any:
+    import numpy as np
+
+    name = _NUMPY_DTYPES.get(st_dtype)
+    if name is None:  # float8: only torch reads it
+        import torch
+
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=data_start + start)
+        return flat.view(getattr(torch, _TORCH_DTYPES[st_dtype])).reshape(shape).float().numpy()
+    if start == end:
+        array = np.empty(shape, dtype=name)
+    else:
+        array = np.frombuffer(mapped, dtype=name, count=(end - start) // np.dtype(name).itemsize,
+                              offset=data_start + start).reshape(shape)
+    if st_dtype == "BF16":  # the high half of a float32
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+_Entry = tuple[str, int, int, list[int]]  # safetensors dtype, start, end, shape
+
+
+def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, _Entry], Any, int]:
+    """A safetensors file's tensors (each entry checked against the file's size), the file
+    mapped copy-on-write (None when it holds no data), and where the data starts."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise ResultCorrupt(f"{path}: not a safetensors file (too short)")
@@ -300,25 +360,22 @@ def map_safetensors(f: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
         raise ResultCorrupt(f"{path}: not a safetensors file (bad header)") from None
     data_start = 8 + n
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else None
-    out = {}
+    entries: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype = getattr(torch, _TORCH_DTYPES[info["dtype"]])
+            st_dtype = info["dtype"]
+            itemsize = _ITEMSIZE[st_dtype]
             start, end = (int(x) for x in info["data_offsets"])
             shape = [int(x) for x in info["shape"]]
-            expected = math.prod(shape) * dtype.itemsize
+            expected = math.prod(shape) * itemsize
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ResultCorrupt(f"{path}: bad header entry for {name!r}") from None
         if start < 0 or end - start != expected or min(shape, default=0) < 0:
             raise ResultCorrupt(f"{path}: bad header entry for {name!r}")
-        if start == end:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        if mapped is None or data_start + end > size:
+        if start != end and (mapped is None or data_start + end > size):
             raise ResultCorrupt(f"{path}: tensor {name!r} runs past the end of the file")
-        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=data_start + start)
-        out[name] = flat.view(dtype).reshape(shape)
-    return out
+        entries[name] = (st_dtype, start, end, shape)
+    return entries, mapped, data_start
 

@@ -42,7 +42,7 @@ from .. import crashpoints
 from ..errors import ResultCorrupt, ResultMissing, StoreError
 from .backend import StoreBackend
 from .codec import decode_manifest, encode_manifest, flatten, is_sealed, new_manifest, unflatten
-from .safetensors_io import map_safetensors, write_safetensors
+from .safetensors_io import Arrays, map_safetensors, write_safetensors
 
 TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -268,7 +268,7 @@ class ResultStore(StoreBackend):
         if st.st_size != entry.get("bytes") or _sha256_fd(f.fileno(), st.st_size) != entry.get("sha256"):
             raise ResultCorrupt(f"result {key[:12]}: {name} does not match its checksum")
 
-    def get(self, key: str, verify: bool = False) -> StoredResult:
+    def get(self, key: str, verify: bool = False, arrays: Arrays = "torch") -> StoredResult:
         """A stored result with memory-mapped tensors. Raises `ResultMissing` / `ResultCorrupt`.
 
         The tensor file is opened once: its stat (or, with `verify` or a changed stat, its
@@ -285,7 +285,7 @@ class ResultStore(StoreBackend):
         folder = self.path_for(key)
         with self._open(key, TENSOR_FILE) as f:
             self._check_open(key, TENSOR_FILE, files[TENSOR_FILE], f, verify)
-            tensors = map_safetensors(f, folder / TENSOR_FILE)
+            tensors = map_safetensors(f, folder / TENSOR_FILE, arrays)
         missing = set(manifest.get("tensors", {})) - set(tensors)
         if missing:
             raise ResultCorrupt(f"result {key[:12]}: tensors missing from the file: {', '.join(sorted(missing))}")
