@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..errors import BadInput
 from .app import console, options, service, settings
+
+if TYPE_CHECKING:
+    from ..worker import Worker, WorkerStats
 
 
 def register(app: typer.Typer, only: str | None = None) -> None:
@@ -70,24 +73,30 @@ def worker(
     w = Worker(svc, backend=backend, max_bundle=max_bundle)
     w.install_signal_handlers()
     if sys.stderr.isatty() and until_empty and queued:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(), console=console(stderr=True), transient=False,
-        ) as progress:
-            task = progress.add_task("jobs", total=queued, note="")
-
-            def update(stats: Any) -> None:
-                progress.update(
-                    task,
-                    completed=stats.completed + stats.failed,
-                    note=f"{stats.completed} ok, {stats.failed} failed, {stats.retried} retrying",
-                )
-
-            w.on_progress = update
-            stats = w.run(until_empty=until_empty)
+        stats = _run_with_progress_bar(w, queued)
     else:
         stats = w.run(until_empty=until_empty)
     if stats.failed:
         console(stderr=True).print(f"{stats.failed} job(s) failed: ndif-jobs list --state failed")
+
+
+def _run_with_progress_bar(w: Worker, queued: int) -> WorkerStats:
+    """`w.run(until_empty=True)` under a progress bar of the `queued` jobs (on a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(), console=console(stderr=True), transient=False,
+    ) as progress:
+        task = progress.add_task("jobs", total=queued, note="")
+
+        def update(stats: WorkerStats) -> None:
+            progress.update(
+                task,
+                completed=stats.completed + stats.failed,
+                note=f"{stats.completed} ok, {stats.failed} failed, {stats.retried} retrying",
+            )
+
+        w.on_progress = update
+        return w.run(until_empty=True)
+
