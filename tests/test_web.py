@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCRIPT_PROMPT = "<script>window.pwned = 1</script> & friends"
 FOREIGN_WORKER = "elsewhere:4242:1700000000:beef"  # a worker on another host: never judged gone here
+IDLE_WORKER = "idle-host:777:1700000000:cafe"  # registered in the workers table, holding nothing
 TOKEN = "a-test-token-" + "x" * 20
 SWEEP = "grid-<i>"
 
@@ -98,6 +100,10 @@ def seeded(service) -> dict[str, str]:  # type: ignore[no-untyped-def]
     for row, job in enumerate(rows):
         job.sweep, job.sweep_row = SWEEP, row
     queue.enqueue(rows)
+    from ndif_jobs.db.workers import Workers
+
+    # A worker that beats but holds no job (waiting for work): the overview lists it too.
+    Workers.of_queue(queue).register(IDLE_WORKER, "idle-host", 777, "ndif", time.time())
     return {"escaped": escaped, "claimed": claimed_ids[0], "submitted": claimed_ids[2], "failed": claimed_ids[4],
             "completed": claimed_ids[3]}
 
@@ -177,7 +183,8 @@ def test_the_overview_counts_a_queue_with_a_job_in_every_state(server, browser, 
     assert all(n >= 1 for n in shown.values()), f"the seeded queue misses a state: {shown}"
     assert "night" in _text(browser, "body") and "odd" in _text(browser, "body")
     workers = _text(browser, "#workers")
-    assert "elsewhere" in workers and "4242" in workers
+    assert "elsewhere" in workers and "4242" in workers  # seen by the leases it holds (it has no row)
+    assert "idle-host" in workers and "777" in workers  # seen by its row, holding no job
     assert SWEEP in _text(browser, "body")
     at_ndif = _text(browser, "#at-ndif")
     assert "RUNNING" in at_ndif

@@ -20,6 +20,7 @@ from ..db.base import OnDatabase
 from ..db.queue import JOB_COLUMNS, JobRow, Queue, _like_literal
 from ..db.retry import retried
 from ..db.sweeps import Progress
+from ..runner.registry import STALE_AFTER_S
 from ..states import HELD_STATES, JobState
 
 #: Sorts a jobs page offers, each an ORDER BY an index serves (or a short sort of one page).
@@ -44,6 +45,7 @@ HELD_BY = (
     "SELECT lease_owner, bundle_id, count(*), MAX(lease_expires_at) FROM jobs"
     " WHERE state IN ({states}) AND lease_owner IS NOT NULL GROUP BY lease_owner, bundle_id"
 )
+WORKER_ROWS = "SELECT id, host, pid, last_beat, jobs_done, stop_requested FROM workers ORDER BY started_at, id"
 AT_NDIF = (
     "SELECT id, job_count, status_history, submitted_at FROM bundles WHERE state = 'submitted'"
     " ORDER BY created_at"
@@ -63,8 +65,9 @@ FAILED_IDS_OF_TAG = (
 
 @dataclass(frozen=True)
 class WorkerSeen:
-    """A worker holding jobs, as its lease renewals show it (`ndif-jobs workers` reads the
-    `workers` table, where every worker beats, holding jobs or not)."""
+    """A worker: from its row in the `workers` table, where every worker beats whether it holds
+    jobs or not (what `ndif-jobs workers` lists), with the jobs its leases hold; or, with no row
+    (a worker whose row was forgotten while it held jobs), from its leases alone."""
 
     worker: str
     host: str
@@ -72,7 +75,12 @@ class WorkerSeen:
     jobs: int
     bundles: tuple[str, ...]
     last_beat: float
-    gone: bool
+    #: Why it looks dead ("process gone", "no beat"), or None: it beats.
+    gone: str | None
+    #: Jobs it finished since it started (None: it has no row to say).
+    jobs_done: int | None = None
+    #: Asked to stop (`ndif-jobs workers stop`), not gone yet.
+    stopping: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,23 +206,33 @@ class Reads(OnDatabase):
 
     @retried
     def workers(self, lease_s: float) -> list[WorkerSeen]:
-        """Workers holding jobs now. A worker renews its leases every third of `lease_s`, so
-        its last beat is its latest lease end less `lease_s`."""
+        """Every registered worker, busy or idle, with the jobs it holds; then any worker that
+        holds jobs without a row. Without a row, a worker's last beat is read off its leases: it
+        renews them every third of `lease_s`, so it beat at its latest lease end less `lease_s`."""
         states = ", ".join(f"'{s}'" for s in HELD_STATES)
-        seen: dict[str, dict[str, Any]] = {}
+        held: dict[str, dict[str, Any]] = {}
         for owner, bundle, n, until in self._all(self._sql(HELD_BY.format(states=states))):
-            entry = seen.setdefault(owner, {"jobs": 0, "bundles": [], "until": 0.0})
+            entry = held.setdefault(owner, {"jobs": 0, "bundles": [], "until": 0.0})
             entry["jobs"] += int(n)
             if bundle:
                 entry["bundles"].append(bundle)
             entry["until"] = max(entry["until"], float(until or 0.0))
+        t, this_host = time.time(), owners.this_host()
         out = []
-        for owner, entry in sorted(seen.items()):
+        for worker_id, host, pid, last_beat, jobs_done, stop in self._all(self._sql(WORKER_ROWS)):
+            entry = held.pop(worker_id, {"jobs": 0, "bundles": []})
+            gone = ("process gone" if host == this_host and owners.is_gone(worker_id)
+                    else "no beat" if t - float(last_beat) > STALE_AFTER_S else None)
+            out.append(WorkerSeen(
+                worker=worker_id, host=host, pid=int(pid), jobs=entry["jobs"], bundles=tuple(sorted(entry["bundles"])),
+                last_beat=float(last_beat), gone=gone, jobs_done=int(jobs_done), stopping=bool(stop),
+            ))
+        for owner, entry in sorted(held.items()):
             parsed = owners.parse(owner)
             out.append(WorkerSeen(
                 worker=owner, host=parsed.host if parsed else "?", pid=parsed.pid if parsed else None,
                 jobs=entry["jobs"], bundles=tuple(sorted(entry["bundles"])), last_beat=entry["until"] - lease_s,
-                gone=owners.is_gone(owner),
+                gone="process gone" if owners.is_gone(owner) else None,
             ))
         return out
 
