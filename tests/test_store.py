@@ -164,6 +164,7 @@ def test_values_read_as_numpy_arrays_give_the_same_json_as_torch_tensors(tmp_pat
         "nonfinite": torch.tensor([1.0, float("nan"), float("inf"), float("-inf")]),
         "bf16_nan": torch.tensor([[float("nan"), 0.1], [3.0e38, -1e-38]], dtype=torch.bfloat16),
         "f8": torch.tensor([0.5, -1.0, 448.0]).to(torch.float8_e4m3fn),
+        "f8_empty": torch.zeros(0, 2).to(torch.float8_e4m3fn),
         "u8": torch.arange(3, dtype=torch.uint8),
         "i16": torch.tensor([-3, 7], dtype=torch.int16),
         "f64": torch.tensor([1 / 3], dtype=torch.float64),

@@ -99,4 +99,3 @@ def _run_with_progress_bar(w: Worker, queued: int) -> WorkerStats:
 
         w.on_progress = update
         return w.run(until_empty=True)
-

@@ -119,14 +119,24 @@ class LiveWorker:
         return self.row.id
 
 
+def why_stale(worker_id: str, host: str, last_beat: float, now: float,
+              stale_after_s: float = STALE_AFTER_S) -> str | None:
+    """Why a registered worker looks dead ("process gone" on this host, "no beat" for
+    `stale_after_s`), or None while it beats."""
+    if host == owners.this_host() and owners.is_gone(worker_id):
+        return "process gone"
+    if now - last_beat > stale_after_s:
+        return "no beat"
+    return None
+
+
 def list_workers(table: Workers, stale_after_s: float = STALE_AFTER_S) -> list[LiveWorker]:
-    """Every registered worker; stale: no beat for `stale_after_s`, or its process gone on this host."""
+    """Every registered worker, each marked stale as `why_stale` judges it."""
     t = time.time()
     out = []
     for row in table.all():
-        here = row.host == owners.this_host()
-        stale = t - row.last_beat > stale_after_s or (here and owners.is_gone(row.id))
-        out.append(LiveWorker(row, stale, here))
+        stale = why_stale(row.id, row.host, row.last_beat, t, stale_after_s) is not None
+        out.append(LiveWorker(row, stale, row.host == owners.this_host()))
     return out
 
 

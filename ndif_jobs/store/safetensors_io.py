@@ -302,13 +302,12 @@ _NUMPY_DTYPES = {
 
 def map_safetensors(f: BinaryIO, path: Path, arrays: Arrays = "torch") -> dict[str, Any]:
     """`read_safetensors` of a file already open: the store maps the very file it checked."""
+    entries, mapped, data_start = _read_header(f, path)
     if arrays == "numpy":
-        entries, mapped, data_start = _read_header(f, path)
         return {name: _numpy_array(mapped, data_start, dtype, start, end, shape)
                 for name, (dtype, start, end, shape) in entries.items()}
     import torch
 
-    entries, mapped, data_start = _read_header(f, path)
     out = {}
     for name, (st_dtype, start, end, shape) in entries.items():
         dtype = getattr(torch, _TORCH_DTYPES[st_dtype])
@@ -324,6 +323,8 @@ def _numpy_array(mapped: Any, data_start: int, st_dtype: str, start: int, end: i
     import numpy as np
 
     name = _NUMPY_DTYPES.get(st_dtype)
+    if name is None and start == end:  # an empty float8 tensor: nothing to widen
+        return np.empty(shape, dtype=np.float32)
     if name is None:  # float8: only torch reads it
         import torch
 

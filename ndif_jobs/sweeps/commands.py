@@ -165,7 +165,3 @@ def progress_line(item: dict[str, Any]) -> str:
         stamp = f"  last finished {time.strftime('%H:%M', time.localtime(item['last_finished']))}"
     return (f"{item['sweep']}  {item['done']}/{item['failed']}/{item['total']} done/failed/total"
             f"  {rate}  {eta_text}{stamp}")
-
-
-
-

@@ -20,7 +20,7 @@ from ..db.base import OnDatabase
 from ..db.queue import JOB_COLUMNS, JobRow, Queue, _like_literal
 from ..db.retry import retried
 from ..db.sweeps import Progress
-from ..runner.registry import STALE_AFTER_S
+from ..runner.registry import why_stale
 from ..states import HELD_STATES, JobState
 
 #: Sorts a jobs page offers, each an ORDER BY an index serves (or a short sort of one page).
@@ -217,15 +217,14 @@ class Reads(OnDatabase):
             if bundle:
                 entry["bundles"].append(bundle)
             entry["until"] = max(entry["until"], float(until or 0.0))
-        t, this_host = time.time(), owners.this_host()
+        t = time.time()
         out = []
         for worker_id, host, pid, last_beat, jobs_done, stop in self._all(self._sql(WORKER_ROWS)):
             entry = held.pop(worker_id, {"jobs": 0, "bundles": []})
-            gone = ("process gone" if host == this_host and owners.is_gone(worker_id)
-                    else "no beat" if t - float(last_beat) > STALE_AFTER_S else None)
             out.append(WorkerSeen(
                 worker=worker_id, host=host, pid=int(pid), jobs=entry["jobs"], bundles=tuple(sorted(entry["bundles"])),
-                last_beat=float(last_beat), gone=gone, jobs_done=int(jobs_done), stopping=bool(stop),
+                last_beat=float(last_beat), gone=why_stale(worker_id, host, float(last_beat), t),
+                jobs_done=int(jobs_done), stopping=bool(stop),
             ))
         for owner, entry in sorted(held.items()):
             parsed = owners.parse(owner)
