@@ -90,6 +90,11 @@ WORKER_PORT_OFFSETS = (20, 79)  # Ray worker processes take ports from PORT+20..
 CLIENT_SERVER_PORT_OFFSETS = (80, 100)  # HIGH excluded
 
 SERVICES = ("redis", "s3", "ray", "api")  # start order; stop goes in reverse
+CONTROLLER_LAUNCHES = 3  # tries at placing NDIF's controller while Ray's GCS is too busy to answer
+RAY_GCS_BUSY = ("Timed out while waiting for GCS", "Failed to connect to Ray cluster")
+# A driver's wait for the GCS (Ray's default is 60 s): two stacks starting beside a test run on
+# two cores have kept a healthy GCS silent for longer.
+RAY_GCS_REQUEST_TIMEOUT_S = "180"
 REPO_ID = "local/smollm2"
 FAKE_REVISION = "0" * 40  # the private HF cache needs some commit hash for its snapshot
 MODEL_FILES_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -452,6 +457,7 @@ def service_env(L: Layout, forwarded: dict[str, str], gpu: bool) -> dict[str, st
         "TMPDIR": str(L.tmp),
         "GRPC_ENABLE_FORK_SUPPORT": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_gcs_server_request_timeout_seconds": RAY_GCS_REQUEST_TIMEOUT_S,
         **loopback_ray_env(L),
     })
     defaults = dict(SERVER_DEFAULTS)
@@ -750,16 +756,39 @@ def launch_controller(L: Layout, env: dict[str, str]) -> subprocess.Popen:
                                 env=cenv, cwd=str(L.run), start_new_session=True)
 
 
-def finish_controller(L: Layout, proc: subprocess.Popen, timeout: float) -> None:
+def finish_controller(L: Layout, env: dict[str, str], proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for the launcher; launch again while it fails only because Ray's GCS did not answer.
+
+    On a loaded machine the GCS of a head that `ray status` has just reached can stay silent
+    past a driver's connect timeout. The launch is idempotent (NDIF places the Controller
+    with get_if_exists), so a second launcher is safe."""
     log = L.logs / "controller.log"
+    for attempt in range(1, CONTROLLER_LAUNCHES + 1):
+        start = log.stat().st_size if log.exists() else 0
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            terminate(process_tree(proc.pid), 2)
+            raise Failure(f"controller launch timed out; last lines of {log}:\n{tail(log)}") from None
+        if code == 0:
+            say("controller launched")
+            return
+        ray_busy = any(sign in log_since(log, start) for sign in RAY_GCS_BUSY)
+        if not ray_busy or attempt == CONTROLLER_LAUNCHES or L.running_pid("ray") is None:
+            break
+        say(f"controller launch {attempt}/{CONTROLLER_LAUNCHES}: Ray's GCS did not answer in time; launching again")
+        proc = launch_controller(L, env)
+    raise Failure(f"controller launch failed ({code}); last lines of {log}:\n{tail(log)}")
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What was appended to a log after `offset` bytes."""
     try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        terminate(process_tree(proc.pid), 2)
-        raise Failure(f"controller launch timed out; last lines of {log}:\n{tail(log)}") from None
-    if code != 0:
-        raise Failure(f"controller launch failed ({code}); last lines of {log}:\n{tail(log)}")
-    say("controller launched")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def spawn_api(L: Layout, env: dict[str, str]) -> int:
@@ -881,7 +910,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                 terminate(process_tree(launcher.pid), 2)
             raise
         if launcher is not None:
-            finish_controller(L, launcher, args.timeout)
+            finish_controller(L, env, launcher, args.timeout)
             markers["controller"] = ray_pid
             L.save_state({"forwarded": forwarded, "gpu": gpu, "sandbox": sandbox, "dtype": dtype, "markers": markers})
         if markers.get("deployed") != ray_pid:
