@@ -47,6 +47,7 @@ an API difference between ndif 0.1.2 and nnsight 0.8.1 and sizes models without 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -745,18 +746,28 @@ def start_ray(L: Layout, env: dict[str, str], timeout: float, gpu: bool, cpus: i
     wait_until("ray head", ray_up, timeout, pid, L.logs / "ray.log", interval=1.0)
 
 
-def launch_controller(L: Layout, env: dict[str, str]) -> subprocess.Popen:
+@dataclasses.dataclass
+class ControllerLaunch:
+    """A running controller launcher, and where its output starts in controller.log."""
+
+    proc: subprocess.Popen
+    log_offset: int
+
+
+def launch_controller(L: Layout, env: dict[str, str]) -> ControllerLaunch:
     """Start NDIF's controller launcher: a short-lived Ray driver that places the detached
     Controller actor and exits. Runs while the API comes up; finish_controller() waits."""
     log = L.logs / "controller.log"
     cenv = {**env, "RAY_ADDRESS": f"127.0.0.1:{L.ports['ray_gcs']}", "NDIF_SERVICE": "ray"}
     argv = [L.bin("python"), "-m", "ndif.services.ray.deployments.controller.controller"]
     with open(log, "ab") as fh:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        offset = fh.tell()
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=cenv, cwd=str(L.run), start_new_session=True)
+    return ControllerLaunch(proc, offset)
 
 
-def finish_controller(L: Layout, env: dict[str, str], proc: subprocess.Popen, timeout: float) -> None:
+def finish_controller(L: Layout, env: dict[str, str], launch: ControllerLaunch, timeout: float) -> None:
     """Wait for the launcher; launch again while it fails only because Ray's GCS did not answer.
 
     On a loaded machine the GCS of a head that `ray status` has just reached can stay silent
@@ -764,20 +775,19 @@ def finish_controller(L: Layout, env: dict[str, str], proc: subprocess.Popen, ti
     with get_if_exists), so a second launcher is safe."""
     log = L.logs / "controller.log"
     for attempt in range(1, CONTROLLER_LAUNCHES + 1):
-        start = log.stat().st_size if log.exists() else 0
         try:
-            code = proc.wait(timeout=timeout)
+            code = launch.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            terminate(process_tree(proc.pid), 2)
+            terminate(process_tree(launch.proc.pid), 2)
             raise Failure(f"controller launch timed out; last lines of {log}:\n{tail(log)}") from None
         if code == 0:
             say("controller launched")
             return
-        ray_busy = any(sign in log_since(log, start) for sign in RAY_GCS_BUSY)
+        ray_busy = any(sign in log_since(log, launch.log_offset) for sign in RAY_GCS_BUSY)
         if not ray_busy or attempt == CONTROLLER_LAUNCHES or L.running_pid("ray") is None:
             break
         say(f"controller launch {attempt}/{CONTROLLER_LAUNCHES}: Ray's GCS did not answer in time; launching again")
-        proc = launch_controller(L, env)
+        launch = launch_controller(L, env)
     raise Failure(f"controller launch failed ({code}); last lines of {log}:\n{tail(log)}")
 
 
@@ -906,8 +916,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                 started_here.append("api")
                 spawn_api(L, env)
         except BaseException:
-            if launcher is not None and launcher.poll() is None:
-                terminate(process_tree(launcher.pid), 2)
+            if launcher is not None and launcher.proc.poll() is None:
+                terminate(process_tree(launcher.proc.pid), 2)
             raise
         if launcher is not None:
             finish_controller(L, env, launcher, args.timeout)
