@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .db.engine import open_database
 from .db.queue import Enqueued, NewJob, Queue
 from .domain import Job
-from .errors import BadInput, OfflineMiss, ResultMissing
+from .errors import BadInput, OfflineMiss, ResultMissing, StoreError
 from .states import BundleState, JobState
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .model_refs import ModelRef
     from .settings import Settings
     from .store import StoreBackend
+    from .store.backend import StoreQueue
     from .store.safetensors_io import Arrays
 
 
@@ -91,6 +92,7 @@ class Service:
             settings = get_settings()
         self.settings = settings
         self.wait_for_database = wait_for_database
+        self._recorded_in_store = False
         if self.settings.import_modules:
             from . import experiments
 
@@ -114,7 +116,38 @@ class Service:
 
         return open_store(self.settings)
 
+    def record_queue_in_store(self) -> None:
+        """Name this queue in the result store (once per process) before it stores a result
+        there or is served one: `gc` against another queue on the same store then knows that
+        not every result there is its own to judge."""
+        if self._recorded_in_store:
+            return
+        import socket
+
+        from .store.backend import StoreQueue
+
+        label = f"{self.queue.db.display_url()} on {socket.gethostname()}"
+        self.store.record_queue(StoreQueue.new(self.queue.identity(), label))
+        self._recorded_in_store = True
+
+    def other_queues_in_store(self) -> list[StoreQueue]:
+        """The queues besides this one that keep results in its store."""
+        mine = self.queue.identity()
+        return [q for q in self.store.queues() if q.id != mine]
+
     # -- submitting --------------------------------------------------------------------
+
+    def enqueue(self, new_jobs: Sequence[NewJob]) -> list[Enqueued]:
+        """Queue jobs (`Queue.enqueue`), this queue named in the store first: a job may be
+        served a result stored there at once. A store that cannot be reached does not stop a
+        submission (the worker names the queue before it stores anything)."""
+        try:
+            self.record_queue_in_store()
+        except StoreError as exc:
+            from .logging import get_logger
+
+            get_logger(__name__).warning("this queue could not be named in the result store", error=str(exc))
+        return self.queue.enqueue(new_jobs)
 
     def prepare(self, sub: Submission) -> Prepared:
         """Validate one submission completely (no database write). Raises `BadInput`."""
@@ -172,7 +205,7 @@ class Service:
         prepared = [self._prepare(s, resolve) for s in subs]
         for p in prepared:
             self.require_buildable(p)
-        return self.queue.enqueue([p.new_job for p in prepared])
+        return self.enqueue([p.new_job for p in prepared])
 
     def require_buildable(self, prepared: Prepared) -> None:
         """Refuse an NDIF job whose worker could not build the request (`preflight.require_buildable`).
@@ -192,7 +225,7 @@ class Service:
     def queue_prepared(self, prepared: Prepared) -> Enqueued:
         """Queue one submission that `lookup` prepared (refused as `submit_many` would refuse it)."""
         self.require_buildable(prepared)
-        return self.queue.enqueue([prepared.new_job])[0]
+        return self.enqueue([prepared.new_job])[0]
 
     # -- reading -----------------------------------------------------------------------
 

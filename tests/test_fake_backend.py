@@ -70,7 +70,7 @@ def service(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def enqueue(service: Service, *xs: int, max_attempts: int = 3) -> list[str]:
-    """Fake jobs straight into the queue (submit's checks know only the shipped backends)."""
+    """Fake jobs into the queue as submit queues them, past its checks (they know only the shipped backends)."""
     from ndif_jobs import experiments
 
     ref, exp = resolve_model(MODEL), experiments.get(EXPERIMENT)
@@ -79,7 +79,7 @@ def enqueue(service: Service, *xs: int, max_attempts: int = 3) -> list[str]:
         key, _ = computation_keys(ref, exp.name, exp.source_hash, {"x": x})
         new.append(NewJob(key=key, experiment=exp.name, model=ref.spec, model_key=ref.model_key, backend="fake",
                           params={"x": x}, max_attempts=max_attempts))
-    return [e.id for e in service.queue.enqueue(new)]
+    return [e.id for e in service.enqueue(new)]
 
 
 def test_a_registered_backend_runs_its_jobs_through_the_real_worker(fake, service) -> None:  # type: ignore[no-untyped-def]

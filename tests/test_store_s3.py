@@ -371,6 +371,27 @@ def test_gc_on_the_object_store_removes_unreachable_results_and_keeps_what_a_que
     assert a.job(job).result_key is None
 
 
+def test_gc_refuses_a_bucket_that_another_machines_queue_keeps_results_in(s3, env, tmp_path, dispose) -> None:  # type: ignore[no-untyped-def]
+    from ndif_jobs.errors import BadInput
+    from ndif_jobs.service import Submission
+    from ndif_jobs.store.backend import StoreQueue
+    from ndif_jobs.store.housekeeping import require_own_store
+
+    a = machine(tmp_path / "a")  # each machine its own SQLite queue, one bucket
+    b = machine(tmp_path / "b")
+    complete(a, ACT)
+    require_own_store(a)  # a alone keeps results there
+    b.submit(Submission("activations", {**ACT, "layers": [1]}))
+
+    assert sorted(n for n in objects(s3) if n.startswith("ndif/queues/")) == sorted(
+        f"ndif/queues/{svc.queue.identity()}.json" for svc in (a, b))
+    with pytest.raises(BadInput, match=rf"{s3['url']} also keeps the results of 1 other queue \(sqlite:///.*/b/"):
+        require_own_store(a)
+    first = {q.id: q for q in a.store.queues()}[a.queue.identity()]
+    a.store.record_queue(StoreQueue.new(a.queue.identity(), "a relabelled"))  # the first record stays
+    assert {q.id: q for q in a.store.queues()}[a.queue.identity()] == first
+
+
 def test_the_cache_keeps_within_its_bound_removing_the_least_recently_used_first(
     s3, env, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
 ) -> None:

@@ -118,17 +118,23 @@ def gc(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="List what would be removed, with its jobs and tags; remove nothing."
     ),
+    ignore_other_queues: bool = typer.Option(
+        False, "--ignore-other-queues",
+        help="Remove results even though other queues keep results in this store (only once they are gone).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove stored results by age or size, never one that a queued or running job needs.
 
     Always removes results that no job points at; with neither --older-than nor --max-size,
-    only those.
+    only those. Refused while other queues keep results in the same store.
     """
-    from ..store.housekeeping import parse_size, plan_gc, run_gc
+    from ..store.housekeeping import parse_size, plan_gc, require_own_store, run_gc
 
     limit = parse_size(max_size) if max_size is not None else None
     svc = service()
+    if not ignore_other_queues:
+        require_own_store(svc)
     plan = plan_gc(svc, older_than, limit)
     outcome = None if dry_run else run_gc(svc, plan)
     freed = plan.freed if outcome is None else outcome.freed

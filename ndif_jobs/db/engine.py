@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection
 
 #: The newest migration in `alembic/versions`; a test checks it equals alembic's head.
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 #: Every revision this code can read, oldest first.
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Most idle connections a `Database` keeps for a SQLite file (one per thread that used it).

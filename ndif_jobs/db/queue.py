@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from ..errors import BadInput, JobNotFound, clip_error
+from ..errors import BadInput, JobNotFound, StoreError, clip_error
 from ..states import (
     ACTIVE_STATES,
     DONE_STATES,
@@ -461,6 +461,7 @@ RECORD_RESULT = (
 FORGET_RESULTS = "DELETE FROM results WHERE result_key {keys}"
 # What `verify` and `gc` read: the jobs that hold a result, and those that still need their key's.
 JOBS_WITH_RESULTS = f"SELECT {_JOBS} FROM jobs WHERE result_key IS NOT NULL AND state IN ({_DONE_SQL})"
+QUEUE_IDENTITY = "SELECT id FROM queue_identity"
 RESULT_REFERENCES = (
     f"SELECT {_JOBS} FROM jobs WHERE state IN ({_ACTIVE_SQL}) OR result_key IS NOT NULL ORDER BY created_at"
 )
@@ -1192,6 +1193,15 @@ class Queue(OnDatabase):
         return int(self._all(self._sql(STORED_BYTES))[0][0])
 
     # -- the result store's housekeeping (`verify`, `gc`) ----------------------------------
+
+    @retried
+    def identity(self) -> str:
+        """This queue's random id, made with its schema: how a result store tells its queues apart."""
+        rows = self._all(self._sql(QUEUE_IDENTITY))
+        if len(rows) != 1:
+            raise StoreError(f"the queue database's table queue_identity holds {len(rows)} rows, not one: "
+                             "restore it from a backup (its id names this queue in the result store)")
+        return str(rows[0][0])
 
     @retried
     def jobs_with_results(self) -> list[JobRow]:

@@ -19,7 +19,7 @@ from .queue import ENDED_ROWS, HELD_ROWS, QUEUED_ROWS
 
 __all__ = [
     "ACTIVE_STATES", "DONE_STATES", "FINAL_STATES", "BundleState", "JobState", "attempts", "bundles", "jobs",
-    "metadata", "now", "results", "sweeps",
+    "metadata", "now", "queue_identity", "results", "sweeps",
 ]
 
 
@@ -154,4 +154,13 @@ workers = Table(
     Column("bundle_id", String(32)),
     Column("jobs_done", Integer, nullable=False),
     Column("stop_requested", Integer, nullable=False),
+)
+
+#: One row: this queue's random id, made by its migration. A result store names the queues that
+#: keep results in it by this id (`StoreBackend.record_queue`), which `gc` checks.
+queue_identity = Table(
+    "queue_identity",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", Float, nullable=False),
 )

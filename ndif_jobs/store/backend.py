@@ -14,15 +14,54 @@ before they are first used; `take_out` makes a result vanish at once for every r
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NdifJobsError
+from ..errors import NdifJobsError, StoreError
 
 if TYPE_CHECKING:
     from .safetensors_io import Arrays
     from .store import StoredInfo, StoredResult
+
+
+_QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class StoreQueue:
+    """A queue that keeps results in a store: its id (`Queue.identity`), how people know it
+    (its database and host), and when it first stored or served a result there."""
+
+    id: str
+    label: str
+    since: float
+
+    def encode(self) -> bytes:
+        return json.dumps({"label": self.label, "since": self.since}).encode()
+
+    @classmethod
+    def new(cls, queue_id: str, label: str) -> StoreQueue:
+        if not _QUEUE_ID.match(queue_id):
+            raise StoreError(f"bad queue id {queue_id!r}")
+        return cls(queue_id, label, time.time())
+
+    @classmethod
+    def decode(cls, queue_id: str, body: bytes) -> StoreQueue:
+        """A record as stored; an unreadable one still names its queue (it is never ignored)."""
+        try:
+            doc = json.loads(body)
+            return cls(queue_id, str(doc["label"]), float(doc["since"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(queue_id, "(unreadable record)", 0.0)
+
+    @staticmethod
+    def is_id(name: str) -> bool:
+        return bool(_QUEUE_ID.match(name))
 
 
 class StoreBackend(ABC):
@@ -76,6 +115,15 @@ class StoreBackend(ABC):
     @abstractmethod
     def clean_temp(self, older_than_s: float = 3600) -> int:
         """Remove what killed writes and removals left behind; returns how many."""
+
+    @abstractmethod
+    def record_queue(self, queue: StoreQueue) -> None:
+        """Name a queue that keeps results here, unless it is named already (its first record stays)."""
+
+    @abstractmethod
+    def queues(self) -> list[StoreQueue]:
+        """Every queue named here. `gc` removes results only while its own queue is the one:
+        it cannot see which results another queue's jobs point at."""
 
     def manifests(self, keys: Iterable[str]) -> dict[str, dict[str, Any] | NdifJobsError]:
         """Each key's manifest, or the error reading it (`collect` reads many at once; a store

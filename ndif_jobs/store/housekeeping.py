@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,21 @@ class GcOutcome:
     #: (key, why) of each result that could not be removed; its jobs are detached all the same.
     failed: list[tuple[str, str]] = field(default_factory=list)
     temp_folders: int = 0
+
+
+def require_own_store(service: Service) -> None:
+    """Refuse to gc a store that other queues keep results in too (a bucket two machines'
+    SQLite files share, a data folder a PostgreSQL queue took over from a SQLite one): `gc`
+    sees only its own queue's jobs, and would remove results the others' jobs point at."""
+    service.record_queue_in_store()
+    others = service.other_queues_in_store()
+    if not others:
+        return
+    named = "; ".join(f"{q.label} (since {time.strftime('%Y-%m-%d', time.localtime(q.since))})" for q in others[:3])
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    raise BadInput(f"{service.store.location()} also keeps the results of {len(others)} other "
+                   f"queue{'s' if len(others) > 1 else ''} ({named}{more}), whose jobs gc cannot see: "
+                   "run gc with --ignore-other-queues only if they are gone")
 
 
 def plan_gc(service: Service, older_than_days: float | None, max_size: int | None) -> GcPlan:

@@ -3,6 +3,7 @@
     <prefix>/results/<key[:2]>/<key>/manifest.json              the commit: a result exists once this does
     <prefix>/results/<key[:2]>/<key>/<write>/tensors.safetensors   the data files of one write
     <prefix>/trash/<key>-<random>/manifest.json                  a manifest `gc` took out
+    <prefix>/queues/<queue id>.json                               a queue that keeps results here
 
 The manifest is byte for byte the one the local store writes (`codec.py`), so the same checks
 apply. An object store has no rename, so the commit is the manifest alone: the data files go up
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NdifJobsError, OfflineMiss, ResultCorrupt, ResultMissing, StoreError
-from .backend import StoreBackend
+from .backend import StoreBackend, StoreQueue
 from .cache import Draft, ResultCache
 from .codec import decode_manifest, flatten
 from .s3 import CommitRaced, S3Bucket
@@ -36,6 +37,8 @@ from .safetensors_io import Arrays, SafetensorsStream
 from .store import MANIFEST_FILE, TENSOR_FILE, StoredInfo, StoredResult, is_key
 
 WRITE_META = "ndif-jobs-write"
+#: The queues that keep results in the bucket, an object each (named by id) under this prefix.
+QUEUES_PREFIX = "queues/"
 #: Manifests read at once by `manifests` (small requests: latency, not bandwidth, bounds them).
 PARALLEL_READS = 16
 
@@ -351,6 +354,26 @@ class ObjectResultStore(StoreBackend):
         except OSError:
             pass
         return freed
+
+    def record_queue(self, queue: StoreQueue) -> None:
+        """Offline the bucket cannot be written: the record waits for a worker that stores there."""
+        if self.offline:
+            return
+        name = f"{QUEUES_PREFIX}{queue.id}.json"
+        if self.bucket.head(name) is not None:
+            return
+        try:
+            self.bucket.put_bytes(name, queue.encode(), if_absent=True)
+        except CommitRaced:
+            pass  # recorded meanwhile by another process of the same queue
+
+    def queues(self) -> list[StoreQueue]:
+        found = []
+        for obj in self.bucket.iter_objects(QUEUES_PREFIX):
+            queue_id = obj.name.removeprefix(QUEUES_PREFIX).removesuffix(".json")
+            if StoreQueue.is_id(queue_id):
+                found.append(StoreQueue.decode(queue_id, self.bucket.get_bytes(obj.name)[0]))
+        return found
 
     def clean_temp(self, older_than_s: float = 3600) -> int:
         """Remove write folders no manifest names (a writer killed, or cut off, mid-upload) and

@@ -40,12 +40,14 @@ from typing import Any, BinaryIO
 
 from .. import crashpoints
 from ..errors import ResultCorrupt, ResultMissing, StoreError
-from .backend import StoreBackend
+from .backend import StoreBackend, StoreQueue
 from .codec import decode_manifest, encode_manifest, flatten, is_sealed, new_manifest, unflatten
 from .safetensors_io import Arrays, map_safetensors, write_safetensors
 
 TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
+#: The queues that keep results in a folder store, a file each (named by id) in this folder.
+QUEUES_FOLDER = ".queues"
 _HASH_CHUNK = 16 << 20
 _KEY = re.compile(r"[0-9a-f]{8,}")
 
@@ -336,6 +338,27 @@ class ResultStore(StoreBackend):
         size = self._size(trash)
         shutil.rmtree(trash, ignore_errors=True)
         return size
+
+    def record_queue(self, queue: StoreQueue) -> None:
+        path = self.root / QUEUES_FOLDER / queue.id
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+        temp.write_bytes(queue.encode())
+        try:
+            os.link(temp, path)  # never replaces an existing record: the first one stays
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def queues(self) -> list[StoreQueue]:
+        folder = self.root / QUEUES_FOLDER
+        if not folder.is_dir():
+            return []
+        return [StoreQueue.decode(entry.name, entry.read_bytes())
+                for entry in sorted(folder.iterdir()) if StoreQueue.is_id(entry.name)]
 
     def clean_temp(self, older_than_s: float = 3600) -> int:
         """Remove temporary folders left by a crash mid-write."""

@@ -119,7 +119,7 @@ def submit(service: Service, planned: Plan, *, force: bool = False) -> Submitted
         jobs.append(replace(p.new_job, sweep=sweep.name, sweep_row=planned.rows[i].index, force=i in to_run))
         service.require_buildable(p)
     Sweeps(service.queue).save(sweep.name, sweep.digest, sweep.source, sweep.as_json(), force=force)
-    out = service.queue.enqueue(jobs)
+    out = service.enqueue(jobs)
     cached = sum(1 for e in out if e.state == "cached")
     return Submitted(queued=len(out) - cached, cached=cached, present=len(planned.present), total=len(planned.rows))
 

@@ -602,6 +602,7 @@ class Worker:
                         from ..provenance import FIELD, for_job
 
                         info[FIELD] = for_job(provenance, getattr(job, "created_at", None))
+                    self.service.record_queue_in_store()
                     size = stored[job.key] = self.service.store.put(job.key, outcome.result or {}, info=info)
             except NdifJobsError as exc:
                 jlog.error("storing the result failed", error=str(exc))
