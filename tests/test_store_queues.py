@@ -62,7 +62,7 @@ def test_gc_refuses_while_another_queue_keeps_results_in_the_store_and_removes_n
     Worker(b).run(until_empty=True)
     before = {info.key for info in a.store.iter_stored()}
 
-    with pytest.raises(BadInput, match=r"also keeps the results of 1 other queue \(sqlite:///.*b\.db on .*\).*"
+    with pytest.raises(BadInput, match=r"also keeps the results of 1 other queue \(sqlite:///.*b\.db on .*, since 20\d\d-\d\d-\d\d\).*"
                                        r"--ignore-other-queues"):
         require_own_store(a)
     with pytest.raises(BadInput, match=r"a\.db"):

@@ -115,7 +115,7 @@ def require_own_store(service: Service) -> None:
     others = service.other_queues_in_store()
     if not others:
         return
-    named = "; ".join(f"{q.label} (since {time.strftime('%Y-%m-%d', time.localtime(q.since))})" for q in others[:3])
+    named = "; ".join(f"{q.label}, since {time.strftime('%Y-%m-%d', time.localtime(q.since))}" for q in others[:3])
     more = f" and {len(others) - 3} more" if len(others) > 3 else ""
     raise BadInput(f"{service.store.location()} also keeps the results of {len(others)} other "
                    f"queue{'s' if len(others) > 1 else ''} ({named}{more}), whose jobs gc cannot see: "

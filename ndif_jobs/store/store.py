@@ -343,7 +343,7 @@ class ResultStore(StoreBackend):
         path = self.root / QUEUES_FOLDER / queue.id
         if path.exists():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = path.with_name(f".tmp-{uuid.uuid4().hex}")
         temp.write_bytes(queue.encode())
         try:
