@@ -1,11 +1,14 @@
 """One-glance summaries of results, for `ndif-jobs results` and the demo.
 
 `summarize` asks the experiment's registered `summary` hook; the functions below are the
-built-ins' (each named like its experiment's function in `experiments/builtin.py`).
+built-ins' (each named like its experiment's function in `experiments/builtin.py`). They read
+torch tensors and numpy arrays alike: `results` reads a built-in's values as numpy arrays, so
+that it starts without torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +32,11 @@ def summarize(experiment: str, v: Mapping[str, Any]) -> list[str]:
         return [str(line) for line in summary(v)]
     except _UNREADABLE:
         return []
+
+
+def _norm(values: Any) -> float:
+    """The Euclidean norm of a torch tensor or a numpy array alike."""
+    return math.sqrt(sum(float(x) ** 2 for x in values.reshape(-1).tolist()))
 
 
 def _tokens(tokens: list[str], probs: Any, n: int = 3) -> str:
@@ -74,7 +82,7 @@ def cross_prompt(v: Mapping[str, Any]) -> list[str]:
 def steering(v: Mapping[str, Any]) -> list[str]:
     return [f"without the vector: {_tokens(v['top_tokens'], v['top_probs'])}",
             f"with the vector:    {_tokens(v['steered_top_tokens'], v['steered_top_probs'])}",
-            f"vector norm {float(v['steering_vector'].norm()):.2f}"]
+            f"vector norm {_norm(v['steering_vector']):.2f}"]
 
 
 def logit_lens(v: Mapping[str, Any]) -> list[str]:

@@ -198,3 +198,35 @@ def test_results_as_json_and_a_json_export_start_without_torch(env, service, tmp
     assert expected["norm"] is None and len(expected["acts"]) == 2
     assert json.loads(shown.stdout)["values"] == expected
     assert json.loads((tmp_path / "r.json").read_text())["values"] == expected
+
+
+def test_the_results_table_of_a_builtin_starts_without_torch_and_shows_what_was_stored(env, service) -> None:  # type: ignore[no-untyped-def]
+    """`results` as a table reads a built-in's values as numpy arrays: it starts without torch,
+    names each tensor's dtype as stored (bfloat16, not the float32 numpy widens it to), and its
+    summary says what the summary says of torch tensors."""
+    import torch
+
+    from ndif_jobs.db.queue import NewJob
+    from ndif_jobs.summaries import summarize
+
+    key = "ef" * 32
+    (job,) = service.queue.enqueue([NewJob(key=key, experiment="steering", model="smollm2-135m",
+                                           model_key="test-model", backend="local", params={})])
+    (row,) = service.queue.claim("w", 1, 60.0)
+    torch.manual_seed(0)
+    service.store.put(key, {
+        "top_tokens": [" good", " bad", " fine"], "top_probs": torch.tensor([0.5, 0.25, 0.125]),
+        "steered_top_tokens": [" great", " good", " nice"], "steered_top_probs": torch.tensor([0.625, 0.25, 0.0625]),
+        "steering_vector": torch.randn(576).to(torch.bfloat16), "layer": 6,
+    })
+    service.queue.complete("w", [(row.id, key, 1)])
+
+    proc = run_cli("results", job.id, env={**env, "PYTHONPROFILEIMPORTTIME": "1", "COLUMNS": "200"}, check=True)
+
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "numpy" in imported and "torch" not in imported
+    assert "bfloat16[576]" in proc.stdout and "float32[3] [0.5, 0.25, 0.125]" in proc.stdout
+    with_torch = summarize("steering", service.load_result(job.id))
+    assert len(with_torch) == 3 and with_torch[2].startswith("vector norm ")
+    for line in with_torch:
+        assert line in proc.stdout

@@ -34,7 +34,8 @@ class P(Params):
 def summary(values):
     norms = values["norms"].tolist()
     peak = max(range(len(norms)), key=norms.__getitem__)
-    return [f"probe summary: peak {norms[peak]:.1f} at index {peak}"]
+    # An own summary is given torch tensors, as documented: the dtype shows which it got.
+    return [f"probe summary: peak {norms[peak]:.1f} at index {peak} ({values['norms'].dtype})"]
 
 
 def estimate(params, shape):
@@ -132,7 +133,7 @@ def test_an_own_experiments_estimate_summary_and_plot_are_found_through_its_regi
     assert estimated_bytes(env, ids["one"]) == 1000 + EMBEDDED_HIDDEN
 
     printed = cli(env, "results", ids["one"]).stdout
-    assert "probe summary: peak 6.0 at index 1" in printed
+    assert "probe summary: peak 6.0 at index 1 (torch.float32)" in printed
 
     out = tmp_path / "probe.png"
     assert cli(env, "plot", ids["one"], ids["two"], "-o", str(out)).stdout.strip() == str(out)

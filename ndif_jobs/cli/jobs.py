@@ -214,8 +214,10 @@ def results(
     from ..provenance import of_manifest, text_lines
 
     svc = service()
-    # Printed as JSON, the values are read as numpy arrays: the command starts without torch.
-    result = svc.load_result(job, verify=verify, arrays="numpy" if as_json else "torch")
+    # The values are read as numpy arrays (the command starts without torch), except for a
+    # table of an own experiment's result: its summary hook is given torch tensors.
+    as_numpy = as_json or _summarized_by_ndif_jobs(svc.job(job).experiment)
+    result = svc.load_result(job, verify=verify, arrays="numpy" if as_numpy else "torch")
     if as_json:
         from ..store.codec import to_jsonable
 
@@ -229,7 +231,7 @@ def results(
     table.add_column("name")
     table.add_column("value", overflow="fold")
     for name, value in result.items():
-        table.add_row(name, describe(value))
+        table.add_row(name, describe(value, _stored_dtype(result.manifest, name)))
     out = console()
     out.print(table)
     from ..summaries import summarize
@@ -258,12 +260,34 @@ def stored_provenance(svc: Any, result_key: str | None) -> tuple[bool, dict[str,
         return False, None
 
 
-def describe(value: Any) -> str:
-    """One value of a result, as `results` shows it: a tensor's dtype and shape (its values
-    when few), a long list cut short."""
+def _summarized_by_ndif_jobs(experiment: str) -> bool:
+    """Whether the experiment's summary hook is one of ndif-jobs' own (they read numpy arrays
+    as well as torch tensors), or there is none to give tensors to."""
+    from .. import experiments
+    from ..errors import UnknownExperiment
+
+    try:
+        hook = experiments.get(experiment).hook("summary")
+    except UnknownExperiment:
+        return True  # not registered in this process: shown without a summary
+    return hook is None or getattr(hook, "__module__", "") == "ndif_jobs.summaries"
+
+
+def _stored_dtype(manifest: dict[str, Any], name: str) -> str | None:
+    """The dtype a top-level tensor was stored as (a numpy read widens bfloat16 and float8)."""
+    ref = manifest.get("values", {}).get(name)
+    if isinstance(ref, dict) and "$tensor" in ref:
+        return manifest.get("tensors", {}).get(ref["$tensor"], {}).get("dtype")
+    return None
+
+
+def describe(value: Any, stored_dtype: str | None = None) -> str:
+    """One value of a result, as `results` shows it: a tensor's dtype (as stored) and shape, its
+    values when few, a long list cut short. Torch tensors and numpy arrays read alike."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
-        dtype = str(value.dtype).removeprefix("torch.")
-        if value.numel() <= 8:
+        dtype = stored_dtype or str(value.dtype).removeprefix("torch.")
+        count = value.numel() if callable(getattr(value, "numel", None)) else value.size
+        if count <= 8:
             shown = [round(x, 4) if isinstance(x, float) else x for x in value.reshape(-1).tolist()]
             return f"{dtype}{list(value.shape)} {shown}"
         return f"{dtype}{list(value.shape)}"
