@@ -42,11 +42,20 @@ def queues(home: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     dispose_engines()
 
 
-def test_a_queue_names_itself_once_in_the_store_it_stores_results_in(queues) -> None:  # type: ignore[no-untyped-def]
+def one_result_each(a: Service, b: Service) -> tuple[str, str]:
+    """A job of `a` and one of `b`, each run by its own queue's worker into the shared store."""
+    (mine,) = enqueue(a, 21)
+    Worker(a).run(until_empty=True)
+    (theirs,) = enqueue(b, 5)
+    Worker(b).run(until_empty=True)
+    return mine, theirs
+
+
+def test_a_queue_names_itself_once_in_the_store_it_stores_results_in(queues, home, tmp_path) -> None:  # type: ignore[no-untyped-def]
     a, _ = queues
     enqueue(a, 1)
     Worker(a).run(until_empty=True)
-    enqueue(queue_on(a.settings.home, Path(a.settings.database_url.removeprefix("sqlite:///"))), 2)
+    enqueue(queue_on(home, tmp_path / "a.db"), 2)  # the same queue from another process: no second record
 
     (named,) = a.store.queues()
     assert named.id == a.queue.identity() and len(named.id) == 32
@@ -56,10 +65,7 @@ def test_a_queue_names_itself_once_in_the_store_it_stores_results_in(queues) -> 
 
 def test_gc_refuses_while_another_queue_keeps_results_in_the_store_and_removes_nothing(queues) -> None:  # type: ignore[no-untyped-def]
     a, b = queues
-    (mine,) = enqueue(a, 21)
-    Worker(a).run(until_empty=True)
-    (theirs,) = enqueue(b, 5)
-    Worker(b).run(until_empty=True)
+    mine, theirs = one_result_each(a, b)
     before = {info.key for info in a.store.iter_stored()}
 
     with pytest.raises(BadInput, match=r"also keeps the results of 1 other queue \(sqlite:///.*b\.db on .*, since 20\d\d-\d\d-\d\d\).*"
@@ -87,10 +93,7 @@ def test_a_queue_is_named_as_soon_as_it_queues_a_job(queues) -> None:  # type: i
 
 def test_gc_with_ignore_other_queues_removes_what_its_own_queue_does_not_need(queues) -> None:  # type: ignore[no-untyped-def]
     a, b = queues
-    (mine,) = enqueue(a, 21)
-    Worker(a).run(until_empty=True)
-    (theirs,) = enqueue(b, 5)
-    Worker(b).run(until_empty=True)
+    mine, theirs = one_result_each(a, b)
 
     outcome = run_gc(a, plan_gc(a, None, None))  # what --ignore-other-queues runs
 
@@ -100,11 +103,8 @@ def test_gc_with_ignore_other_queues_removes_what_its_own_queue_does_not_need(qu
 
 def test_the_gc_command_refuses_in_one_line_naming_the_other_queue(queues, env, home, tmp_path) -> None:  # type: ignore[no-untyped-def]
     a, b = queues
-    enqueue(a, 21)
-    Worker(a).run(until_empty=True)
-    enqueue(b, 5)
-    Worker(b).run(until_empty=True)
-    stored = sorted(p.name for p in (home / "results").rglob("manifest.json"))
+    one_result_each(a, b)
+    stored = sorted(str(p) for p in (home / "results").rglob("manifest.json"))
 
     proc = run_cli("gc", "--max-size", "0", env={**env, "NDIF_JOBS_HOME": str(home),
                                                   "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"})
@@ -112,8 +112,7 @@ def test_the_gc_command_refuses_in_one_line_naming_the_other_queue(queues, env, 
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "b.db on " in line and "--ignore-other-queues" in line
-    assert sorted(p.name for p in (home / "results").rglob("manifest.json")) == stored
-    assert len(list((home / "results").rglob("manifest.json"))) == 2
+    assert len(stored) == 2 and sorted(str(p) for p in (home / "results").rglob("manifest.json")) == stored
 
     forced = run_cli("gc", "--ignore-other-queues", "--json", env={
         **env, "NDIF_JOBS_HOME": str(home), "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"})
