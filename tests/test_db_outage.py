@@ -349,7 +349,10 @@ def _check_outcome(env: dict[str, str], home: Path, tmp_path: Path, n_jobs: int)
     results = home / "results"
     folders = [p for p in results.glob("*/*") if p.is_dir() and not p.parent.name.startswith(".")]
     assert sorted(p.name for p in folders) == sorted(key for _, key, _, _, _, _ in jobs)
-    assert not [p for p in results.iterdir() if p.name.startswith(".")]
+    assert not [p for p in results.iterdir() if p.name.startswith((".tmp-", ".trash-", ".corrupt-"))]
+    with psycopg.connect(_conninfo(NAME)) as conn:
+        (identity,) = conn.execute("SELECT id FROM queue_identity").fetchone()
+    assert [p.name for p in (results / ".queues").iterdir()] == [identity]  # the store's one queue
     proc = run_cli("verify", "--json", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)

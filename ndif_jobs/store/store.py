@@ -343,13 +343,15 @@ class ResultStore(StoreBackend):
         path = self.root / QUEUES_FOLDER / queue.id
         if path.exists():
             return
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-        temp.write_bytes(queue.encode())
         try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temp.write_bytes(queue.encode())
             os.link(temp, path)  # never replaces an existing record: the first one stays
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise StoreError(f"cannot name this queue in {self.root}: {exc.strerror or exc}") from None
         finally:
             temp.unlink(missing_ok=True)
 
