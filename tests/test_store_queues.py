@@ -9,6 +9,7 @@ names another queue. The real worker runs on real SQLite files with the fake bac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,8 @@ def test_gc_refuses_while_another_queue_keeps_results_in_the_store_and_removes_n
     mine, theirs = one_result_each(a, b)
     before = {info.key for info in a.store.iter_stored()}
 
-    with pytest.raises(BadInput, match=r"also keeps the results of 1 other queue \(sqlite:///.*b\.db on .*, since 20\d\d-\d\d-\d\d\).*"
-                                       r"--ignore-other-queues"):
+    with pytest.raises(BadInput, match=r"also keeps the results of 1 other queue \(sqlite:///.*b\.db on .*, since 20\d\d-\d\d-\d\d, id [0-9a-f]{12}\).*"
+                                       r"--forget-queue ID"):
         require_own_store(a)
     with pytest.raises(BadInput, match=r"a\.db"):
         require_own_store(b)
@@ -105,16 +106,38 @@ def test_the_gc_command_refuses_in_one_line_naming_the_other_queue(queues, env, 
     a, b = queues
     one_result_each(a, b)
     stored = sorted(str(p) for p in (home / "results").rglob("manifest.json"))
+    on_a = {**env, "NDIF_JOBS_HOME": str(home), "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"}
 
-    proc = run_cli("gc", "--max-size", "0", env={**env, "NDIF_JOBS_HOME": str(home),
-                                                  "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"})
+    proc = run_cli("gc", "--max-size", "0", env=on_a)
 
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert "b.db on " in line and "--ignore-other-queues" in line
+    assert "b.db on " in line and f"id {b.queue.identity()[:12]}" in line and "--forget-queue ID" in line
     assert len(stored) == 2 and sorted(str(p) for p in (home / "results").rglob("manifest.json")) == stored
 
-    forced = run_cli("gc", "--ignore-other-queues", "--json", env={
-        **env, "NDIF_JOBS_HOME": str(home), "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"})
+    forced = run_cli("gc", "--ignore-other-queues", "--json", env=on_a)
     assert forced.returncode == 0, forced.stderr
     assert len(list((home / "results").rglob("manifest.json"))) == 1
+
+
+def test_a_gone_queue_is_forgotten_by_its_id_and_gc_goes_on_without_being_told(queues, env, home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = queues
+    one_result_each(a, b)
+    on_a = {**env, "NDIF_JOBS_HOME": str(home), "NDIF_JOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"}
+
+    own = run_cli("gc", "--forget-queue", a.queue.identity()[:12], env=on_a)
+    unknown = run_cli("gc", "--forget-queue", "0123456789ab", env=on_a)
+    assert own.returncode == 2 and "is this queue" in own.stderr
+    assert unknown.returncode == 2 and f"named there: {a.queue.identity()[:12]}" in unknown.stderr
+    assert len(a.store.queues()) == 2
+
+    forgot = run_cli("gc", "--forget-queue", b.queue.identity()[:12], env=on_a)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "b.db on " in forgot.stdout
+    assert [q.id for q in a.store.queues()] == [a.queue.identity()]
+    assert len(list((home / "results").rglob("manifest.json"))) == 2  # forgetting removes no result
+
+    collected = run_cli("gc", "--json", env=on_a)
+    assert collected.returncode == 0, collected.stderr
+    (theirs,) = b.queue.jobs_with_results()
+    assert json.loads(collected.stdout)["keys"] == [theirs.result_key]  # b's result: no job of a needs it

@@ -375,7 +375,7 @@ def test_gc_refuses_a_bucket_that_another_machines_queue_keeps_results_in(s3, en
     from ndif_jobs.errors import BadInput
     from ndif_jobs.service import Submission
     from ndif_jobs.store.backend import StoreQueue
-    from ndif_jobs.store.housekeeping import require_own_store
+    from ndif_jobs.store.housekeeping import forget_queue, require_own_store
 
     a = machine(tmp_path / "a")  # each machine its own SQLite queue, one bucket
     b = machine(tmp_path / "b")
@@ -390,6 +390,10 @@ def test_gc_refuses_a_bucket_that_another_machines_queue_keeps_results_in(s3, en
     first = {q.id: q for q in a.store.queues()}[a.queue.identity()]
     a.store.record_queue(StoreQueue.new(a.queue.identity(), "a relabelled"))  # the first record stays
     assert {q.id: q for q in a.store.queues()}[a.queue.identity()] == first
+
+    forget_queue(a, b.queue.identity()[:12])  # b's machine is gone: gc on a may go on
+    assert [n for n in objects(s3) if n.startswith("ndif/queues/")] == [f"ndif/queues/{a.queue.identity()}.json"]
+    require_own_store(a)
 
 
 def test_the_cache_keeps_within_its_bound_removing_the_least_recently_used_first(

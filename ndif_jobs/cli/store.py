@@ -122,6 +122,10 @@ def gc(
         False, "--ignore-other-queues",
         help="Remove results even though other queues keep results in this store (only once they are gone).",
     ),
+    forget_queue: str | None = typer.Option(
+        None, "--forget-queue", metavar="ID",
+        help="Only remove the record of another queue that is gone (its id as gc names it); nothing else.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove stored results by age or size, never one that a queued or running job needs.
@@ -129,10 +133,18 @@ def gc(
     Always removes results that no job points at; with neither --older-than nor --max-size,
     only those. Refused while other queues keep results in the same store.
     """
+    from ..store import housekeeping
     from ..store.housekeeping import parse_size, plan_gc, require_own_store, run_gc
 
     limit = parse_size(max_size) if max_size is not None else None
     svc = service()
+    if forget_queue is not None:
+        gone = housekeeping.forget_queue(svc, forget_queue)
+        if as_json:
+            print_json({"forgot": {"id": gone.id, "label": gone.label}})
+        else:
+            console().print(f"forgot queue {gone.id[:12]} ({gone.label}) in {svc.store.location()}", markup=False)
+        return
     if not ignore_other_queues:
         require_own_store(svc)
     plan = plan_gc(svc, older_than, limit)

@@ -121,6 +121,10 @@ class StoreBackend(ABC):
         """Name a queue that keeps results here, unless it is named already (its first record stays)."""
 
     @abstractmethod
+    def forget_queue(self, queue_id: str) -> None:
+        """Remove a queue's record (a queue that is gone: `gc --forget-queue`)."""
+
+    @abstractmethod
     def queues(self) -> list[StoreQueue]:
         """Every queue named here. `gc` removes results only while its own queue is the one:
         it cannot see which results another queue's jobs point at."""

@@ -28,6 +28,7 @@ from ..db.queue import now
 from ..errors import BadInput, ResultCorrupt, ResultMissing, StoreError
 from ..service import Service
 from ..states import ACTIVE_STATES
+from .backend import StoreQueue
 from .codec import flatten, is_sealed, to_jsonable, widened
 from .safetensors_io import write_safetensors_fd
 
@@ -115,11 +116,29 @@ def require_own_store(service: Service) -> None:
     others = service.other_queues_in_store()
     if not others:
         return
-    named = "; ".join(f"{q.label}, since {time.strftime('%Y-%m-%d', time.localtime(q.since))}" for q in others[:3])
+    named = "; ".join(f"{q.label}, since {time.strftime('%Y-%m-%d', time.localtime(q.since))}, id {q.id[:12]}"
+                      for q in others[:3])
     more = f" and {len(others) - 3} more" if len(others) > 3 else ""
     raise BadInput(f"{service.store.location()} also keeps the results of {len(others)} other "
                    f"queue{'s' if len(others) > 1 else ''} ({named}{more}), whose jobs gc cannot see: "
-                   "run gc with --ignore-other-queues only if they are gone")
+                   "once a queue is gone, run gc --forget-queue ID for it (or --ignore-other-queues)")
+
+
+def forget_queue(service: Service, prefix: str) -> StoreQueue:
+    """Remove the record of another queue that is gone (by its id or a unique start of it), so
+    that `gc` may judge the store again; returns the queue forgotten."""
+    mine = service.queue.identity()
+    others = [q for q in service.store.queues() if q.id.startswith(prefix.strip().lower())]
+    if not prefix.strip() or not others:
+        known = ", ".join(f"{q.id[:12]} ({q.label})" for q in service.store.queues()) or "none"
+        raise BadInput(f"no queue {prefix!r} is named in {service.store.location()}; named there: {known}")
+    if len(others) > 1:
+        raise BadInput(f"queue id {prefix!r} is ambiguous: {', '.join(q.id[:12] for q in others)}")
+    (queue,) = others
+    if queue.id == mine:
+        raise BadInput(f"queue {queue.id[:12]} is this queue ({queue.label}): only another queue can be forgotten")
+    service.store.forget_queue(queue.id)
+    return queue
 
 
 def plan_gc(service: Service, older_than_days: float | None, max_size: int | None) -> GcPlan:

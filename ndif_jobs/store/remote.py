@@ -367,6 +367,11 @@ class ObjectResultStore(StoreBackend):
         except CommitRaced:
             pass  # recorded meanwhile by another process of the same queue
 
+    def forget_queue(self, queue_id: str) -> None:
+        if not StoreQueue.is_id(queue_id):
+            raise StoreError(f"bad queue id {queue_id!r}")
+        self.bucket.delete([f"{QUEUES_PREFIX}{queue_id}.json"])
+
     def queues(self) -> list[StoreQueue]:
         found = []
         for obj in self.bucket.iter_objects(QUEUES_PREFIX):

@@ -355,6 +355,14 @@ class ResultStore(StoreBackend):
         finally:
             temp.unlink(missing_ok=True)
 
+    def forget_queue(self, queue_id: str) -> None:
+        if not StoreQueue.is_id(queue_id):
+            raise StoreError(f"bad queue id {queue_id!r}")
+        try:
+            (self.root / QUEUES_FOLDER / queue_id).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot forget queue {queue_id} in {self.root}: {exc.strerror or exc}") from None
+
     def queues(self) -> list[StoreQueue]:
         folder = self.root / QUEUES_FOLDER
         if not folder.is_dir():
