@@ -116,18 +116,27 @@ class Service:
 
         return open_store(self.settings)
 
-    def record_queue_in_store(self) -> None:
+    def record_queue_in_store(self, best_effort: bool = False) -> None:
         """Name this queue in the result store (once per process) before it stores a result
         there or is served one: `gc` against another queue on the same store then knows that
-        not every result there is its own to judge."""
+        not every result there is its own to judge. `best_effort`: a store that cannot be
+        reached or written is a warning, not an error (the queue's own errors still raise)."""
         if self._recorded_in_store:
             return
         import socket
 
         from .store.backend import StoreQueue
 
-        label = f"{self.queue.db.display_url()} on {socket.gethostname()}"
-        self.store.record_queue(StoreQueue.new(self.queue.identity(), label))
+        queue = StoreQueue.new(self.queue.identity(), f"{self.queue.db.display_url()} on {socket.gethostname()}")
+        try:
+            self.store.record_queue(queue)
+        except StoreError as exc:
+            if not best_effort:
+                raise
+            from .logging import get_logger
+
+            get_logger(__name__).warning("this queue could not be named in the result store", error=str(exc))
+            return
         self._recorded_in_store = True
 
     def other_queues_in_store(self) -> list[StoreQueue]:
@@ -141,12 +150,7 @@ class Service:
         """Queue jobs (`Queue.enqueue`), this queue named in the store first: a job may be
         served a result stored there at once. A store that cannot be reached does not stop a
         submission (the worker names the queue before it stores anything)."""
-        try:
-            self.record_queue_in_store()
-        except StoreError as exc:
-            from .logging import get_logger
-
-            get_logger(__name__).warning("this queue could not be named in the result store", error=str(exc))
+        self.record_queue_in_store(best_effort=True)
         return self.queue.enqueue(new_jobs)
 
     def prepare(self, sub: Submission) -> Prepared:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -301,6 +302,7 @@ def test_a_result_store_that_refuses_writes_fails_the_job_cleanly(probe_env, tmp
     as a read-only folder does to a user)."""
     env = {**probe_env, "NDIF_JOBS_MAX_ATTEMPTS": "2"}
     (job,) = submit_sleepy(env, tmp_path, tiny_llama, [{"n": 0, "seconds": 0}])
+    shutil.rmtree(home / "results")  # made by the submit (it names the queue there)
     (home / "results").symlink_to("/sys/fs", target_is_directory=True)
     proc = run_cli("worker", "--until-empty", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -351,7 +351,7 @@ class ResultStore(StoreBackend):
         except FileExistsError:
             pass
         except OSError as exc:
-            raise StoreError(f"cannot name this queue in {self.root}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot store results in {self.root}: {exc.strerror or exc}") from None
         finally:
             temp.unlink(missing_ok=True)
 
