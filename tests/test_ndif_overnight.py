@@ -141,14 +141,17 @@ def test_jobs_wait_for_a_model_ndif_does_not_run_and_go_once_it_runs(ndif_env, l
 
         status: dict = {}
 
-        def waits() -> bool:  # `status` says which jobs wait for which model, and why
+        def waits() -> bool:
+            """`status` says which jobs wait for which model, and why, and so do the jobs themselves
+            (`show`, `list`, the pages): queued, saying why. Every MODEL_WAIT_S the worker claims them
+            for a moment to ask NDIF again, so one snapshot may catch them claimed."""
             status.update(json.loads(run_cli("status", "--json", env=env, check=True).stdout))
-            return [(w["model"], w["jobs"]) for w in status["waiting_for_model"]] == [(MODEL, 2)]
+            return [(w["model"], w["jobs"]) for w in status["waiting_for_model"]] == [(MODEL, 2)] and all(
+                job["state"] == "queued" and (job["error"] or "").startswith(f"waiting for NDIF to run {MODEL}: ")
+                for job in status["latest"])
 
-        wait_until(waits, timeout=60, what="the jobs shown as waiting for NDIF to run their model")
-        assert "COLD" in status["waiting_for_model"][0]["reason"]
-        for job in status["latest"]:  # and so do the jobs themselves (`show`, `list`, the pages)
-            assert job["state"] == "queued" and job["error"].startswith(f"waiting for NDIF to run {MODEL}: "), job
+        wait_until(waits, timeout=60, what="the jobs shown queued and waiting for NDIF to run their model")
+        assert "COLD" in status["waiting_for_model"][0]["reason"] and len(status["latest"]) == 2
         assert local_ndif.requests() == before  # nothing sent to the cold model
         assert worker.poll() is None
 
