@@ -127,7 +127,7 @@ class Service:
 
         from .store.backend import StoreQueue
 
-        queue = StoreQueue.new(self.queue.identity(), f"{self.queue.db.display_url()} on {socket.gethostname()}")
+        queue = StoreQueue.new(self.queue_id, f"{self.queue.db.display_url()} on {socket.gethostname()}")
         try:
             self.store.record_queue(queue)
         except StoreError as exc:
@@ -139,10 +139,14 @@ class Service:
             return
         self._recorded_in_store = True
 
+    @cached_property
+    def queue_id(self) -> str:
+        """This queue's id (`Queue.identity`): it never changes, so it is read once."""
+        return self.queue.identity()
+
     def other_queues_in_store(self) -> list[StoreQueue]:
         """The queues besides this one that keep results in its store."""
-        mine = self.queue.identity()
-        return [q for q in self.store.queues() if q.id != mine]
+        return [q for q in self.store.queues() if q.id != self.queue_id]
 
     # -- submitting --------------------------------------------------------------------
 

@@ -127,15 +127,15 @@ def require_own_store(service: Service) -> None:
 def forget_queue(service: Service, prefix: str) -> StoreQueue:
     """Remove the record of another queue that is gone (by its id or a unique start of it), so
     that `gc` may judge the store again; returns the queue forgotten."""
-    mine = service.queue.identity()
-    others = [q for q in service.store.queues() if q.id.startswith(prefix.strip().lower())]
-    if not prefix.strip() or not others:
-        known = ", ".join(f"{q.id[:12]} ({q.label})" for q in service.store.queues()) or "none"
+    named = service.store.queues()
+    matches = [q for q in named if q.id.startswith(prefix.strip().lower())]
+    if not prefix.strip() or not matches:
+        known = ", ".join(f"{q.id[:12]} ({q.label})" for q in named) or "none"
         raise BadInput(f"no queue {prefix!r} is named in {service.store.location()}; named there: {known}")
-    if len(others) > 1:
-        raise BadInput(f"queue id {prefix!r} is ambiguous: {', '.join(q.id[:12] for q in others)}")
-    (queue,) = others
-    if queue.id == mine:
+    if len(matches) > 1:
+        raise BadInput(f"queue id {prefix!r} is ambiguous: {', '.join(q.id[:12] for q in matches)}")
+    (queue,) = matches
+    if queue.id == service.queue_id:
         raise BadInput(f"queue {queue.id[:12]} is this queue ({queue.label}): only another queue can be forgotten")
     service.store.forget_queue(queue.id)
     return queue
